@@ -1,0 +1,280 @@
+"""``robodiff`` console script: ``train``, ``eval`` and ``list``.
+
+Arguments after the command are Hydra overrides (``task=pusht_state train.steps=1500``), composed with Hydra's
+compose API and converted once into the typed dataclasses of ``cli.config``; modules below never see a
+DictConfig. A mistyped key or a bad value exits with status 2 and a message naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+USAGE = """usage: robodiff <command> [key=value ...]
+
+commands:
+  train   train a policy:     robodiff train task=pusht_state policy=diffusion_unet train.steps=1500 logger=none
+  eval    evaluate a policy:  robodiff eval checkpoint=<run_dir>/checkpoints/latest n_episodes=50
+  list    show registered tasks and policies
+"""
+
+
+class UsageError(Exception):
+    """A user mistake on the command line; printed without a traceback, exit status 2."""
+
+
+def compose(config_name: str, overrides: Sequence[str]) -> Any:
+    """Compose ``configs/<config_name>.yaml`` with overrides and return the typed dataclass."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from cli.config import register_configs
+
+    register_configs()
+    adding = [o for o in overrides if o.startswith(("+", "~"))]
+    if adding:
+        # Hydra's "+key=" opens the struct flag and would smuggle unknown fields into the typed config.
+        raise UsageError(
+            f"{adding[0]}: adding or deleting keys is not allowed; every setting already exists "
+            "with a default (see configs/)"
+        )
+    try:
+        with initialize_config_module(config_module="configs", version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+        return OmegaConf.to_object(cfg)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        # Hydra wraps the precise OmegaConf error ("Key 'foo' not in 'DiffusionUnetConfig'"): show both.
+        lines = [str(err).strip().splitlines()[0]]
+        if err.__cause__ is not None:
+            lines += [ln.strip() for ln in str(err.__cause__).strip().splitlines()[:2]]
+        elif isinstance(err, HydraException):
+            lines = [ln for ln in str(err).strip().splitlines() if ln.strip()][:6]
+        raise UsageError(" | ".join(lines)) from err
+
+
+def _jsonable(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+class MetricsLogger:
+    """Appends every record to ``metrics.jsonl``; mirrors it to wandb (offline by default) when enabled."""
+
+    def __init__(self, run_dir: Path, kind: str, config: dict, name: str, resume: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb_run = None
+        if kind == "wandb":
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", "offline")
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb_run = wandb.init(
+                project="robodiff",
+                name=name,
+                dir=str(run_dir),
+                config=config,
+                resume="allow" if resume else None,
+                id=run_dir.name.replace("/", "-"),
+            )
+
+    def __call__(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def _resolve_resume(resume: str) -> tuple[Path, Path]:
+    """``resume`` names a run directory or its ``checkpoints/latest``; returns (run_dir, checkpoint_dir)."""
+    path = Path(resume).expanduser()
+    ckpt = path / "checkpoints" / "latest" if (path / "checkpoints").is_dir() else path
+    if not (ckpt / "train_state.json").exists():
+        raise UsageError(f"resume={resume}: no resumable checkpoint (expected {ckpt}/train_state.json)")
+    return ckpt.parent.parent, ckpt
+
+
+def cmd_train(overrides: Sequence[str]) -> dict:
+    import torch
+
+    from envs.tasks import make_task
+    from policies.registry import make_policy
+    from policies.train import Trainer, available_cores, seed_everything
+
+    resume_arg = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
+    saved: list[str] = []
+    if resume_arg:
+        run_dir, ckpt = _resolve_resume(resume_arg)
+        saved = json.loads((run_dir / "overrides.json").read_text())
+    cfg = compose("train", [o for o in saved if not o.startswith(("resume=", "run_dir="))] + list(overrides))
+    if not resume_arg:
+        stamp = dt.datetime.now()
+        name = cfg.name or f"{stamp:%H%M%S}_{cfg.task.name}_{cfg.policy.type}"
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / f"{stamp:%Y-%m-%d}" / name
+        if (run_dir / "checkpoints" / "latest").exists():
+            raise UsageError(
+                f"{run_dir} already holds a run; resume it with resume={run_dir} or pick another run_dir"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "overrides.json").write_text(
+        json.dumps([o for o in overrides if not o.startswith("resume=")] if not saved else saved)
+    )
+    resolved = {
+        "task": _jsonable(cfg.task),
+        "policy_type": cfg.policy.type,
+        "policy": _jsonable(cfg.policy),
+        "train": _jsonable(cfg.train),
+    }
+    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+
+    torch.set_num_threads(cfg.train.num_threads or available_cores())
+    seed_everything(cfg.train.seed)
+    task = make_task(cfg.task)
+    p = cfg.policy
+    train_set, val_set = task.datasets(p.horizon, p.n_obs_steps, p.n_action_steps)
+    policy = make_policy(p, task.shape_meta)
+    policy.fit_normalizer(train_set.normalizer_data())
+    video_dir = run_dir / "videos"
+
+    def eval_fn(model, step: int) -> dict:
+        result = task.evaluate(
+            model,
+            n_obs_steps=p.n_obs_steps,
+            n_action_steps=p.n_action_steps,
+            n_episodes=cfg.train.eval_episodes if step < cfg.train.steps else cfg.task.eval_episodes,
+            video_path=video_dir / f"step_{step:07d}.mp4" if cfg.video else None,
+            device=cfg.train.device,
+        )
+        return {k: v for k, v in result.to_dict().items() if not isinstance(v, list)}
+
+    n_params = sum(x.numel() for x in policy.parameters())
+    print(
+        f"run_dir: {run_dir}\npolicy: {p.type} ({n_params / 1e6:.2f} M parameters), task: {cfg.task.name}, "
+        f"{len(train_set)} training windows, {len(val_set)} validation windows",
+        flush=True,
+    )
+    logger = MetricsLogger(run_dir, cfg.logger, resolved, run_dir.name, bool(resume_arg))
+    try:
+        trainer = Trainer(
+            policy,
+            train_set,
+            cfg.train,
+            run_dir,
+            val_set=val_set,
+            eval_fn=eval_fn,
+            checkpoint_extra={"task": resolved["task"], "train": resolved["train"]},
+            log_fn=logger,
+        )
+        if resume_arg:
+            trainer.resume(ckpt)
+            print(f"resumed from {ckpt} at step {trainer.step}", flush=True)
+        summary = trainer.fit()
+    finally:
+        logger.close()
+    final = summary.pop("final_eval") or {}
+    return {
+        "run_dir": str(run_dir),
+        **summary,
+        **{k: final[k] for k in ("score", "success_rate", "n_episodes") if k in final},
+    }
+
+
+def cmd_eval(overrides: Sequence[str]) -> dict:
+    import torch
+
+    from envs.tasks import TaskConfig, make_task
+    from policies.checkpoint import load_policy, read_config
+    from policies.train import available_cores
+
+    cfg = compose("eval", overrides)
+    ckpt = Path(cfg.checkpoint).expanduser()
+    try:
+        saved = read_config(ckpt)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from err
+    inference = {
+        k: getattr(cfg, k)
+        for k in ("sampler", "num_inference_steps", "n_action_steps")
+        if getattr(cfg, k) is not None
+    }
+    torch.set_num_threads(available_cores())
+    try:
+        policy = load_policy(ckpt, device=cfg.device, **inference)
+    except ValueError as err:
+        raise UsageError(f"cannot load {ckpt}: {err}") from err
+    task_values = dict(saved.get("task") or {"name": "pusht_state"})
+    for key, field in (("seed_start", "eval_seed_start"), ("n_envs", "n_envs"), ("max_steps", "max_steps")):
+        if getattr(cfg, key) is not None:
+            task_values[field] = getattr(cfg, key)
+    task = make_task(TaskConfig(**task_values))
+    out = Path(cfg.output_dir) if cfg.output_dir else ckpt / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    pc = policy.config
+    result = task.evaluate(
+        policy,
+        n_obs_steps=pc.n_obs_steps,
+        n_action_steps=pc.n_action_steps,
+        n_episodes=cfg.n_episodes,
+        video_path=out / "rollout.mp4" if cfg.video else None,
+        device=cfg.device,
+    )
+    record = {"checkpoint": str(ckpt), **result.to_dict()}
+    (out / "eval.json").write_text(json.dumps(record, indent=2))
+    print(
+        f"{record['n_episodes']} episodes: score {record['score']:.3f}, success {record['success_rate']:.2%} "
+        f"-> {out / 'eval.json'}",
+        flush=True,
+    )
+    return {k: v for k, v in record.items() if not isinstance(v, list)}
+
+
+def cmd_list(_: Sequence[str]) -> dict:
+    from envs.tasks import task_names
+    from policies.registry import policy_names
+
+    listing = {"tasks": task_names(), "policies": policy_names()}
+    for kind, names in listing.items():
+        print(f"{kind}:\n" + "".join(f"  {n}\n" for n in names), end="")
+    return listing
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, overrides = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"robodiff: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
+        return 2
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        print(f"robodiff {command}: arguments must be key=value overrides, got {bad}", file=sys.stderr)
+        return 2
+    import policies  # noqa: F401  (registers the policies before configs are composed)
+
+    try:
+        result = COMMANDS[command](overrides)
+    except UsageError as err:
+        print(f"robodiff {command}: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

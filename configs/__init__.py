@@ -1,0 +1,1 @@
+"""Hydra YAML configs (package so that they ship with non-editable installs)."""

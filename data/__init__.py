@@ -1,0 +1,1 @@
+"""Demonstration data: replay buffers, windowed sampling, normalization, datasets. Imports nothing of ours."""

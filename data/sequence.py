@@ -1,0 +1,130 @@
+"""Windowed sampling over episodes with Diffusion Policy's padding semantics.
+
+A training sample is a window of ``horizon`` consecutive steps of one episode. Windows may start up to
+``pad_before`` steps before the episode start and end up to ``pad_after`` steps after its end; the missing steps
+repeat the first/last step of the episode (Diffusion Policy's ``SequenceSampler``). Edge repetition is the same as
+clamping the step index into the episode, so every window is one row of absolute indices and a batch is a single
+gather: no per-sample Python work, no DataLoader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+from einops import rearrange
+
+
+def window_indices(
+    episode_ends: np.ndarray, horizon: int, pad_before: int = 0, pad_after: int = 0, episode_mask=None
+) -> np.ndarray:
+    """Absolute step indices ``[n_windows, horizon]`` of every window in the selected episodes."""
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    if pad_before < 0 or pad_after < 0:
+        raise ValueError(f"pad_before and pad_after must be >= 0, got {pad_before}, {pad_after}")
+    episode_ends = np.asarray(episode_ends, dtype=np.int64)
+    mask = np.ones(len(episode_ends), bool) if episode_mask is None else np.asarray(episode_mask, bool)
+    if mask.shape != episode_ends.shape:
+        raise ValueError(f"episode_mask has shape {mask.shape}, expected {episode_ends.shape}")
+    starts = np.concatenate([[0], episode_ends[:-1]])
+    offsets = np.arange(horizon)
+    rows = []
+    for start, end in zip(starts[mask], episode_ends[mask], strict=True):
+        length = end - start
+        first = np.arange(-pad_before, length - horizon + pad_after + 1)  # window start offsets
+        rows.append(start + np.clip(first[:, None] + offsets, 0, length - 1))
+    return np.concatenate(rows) if rows else np.zeros((0, horizon), np.int64)
+
+
+def split_episodes(
+    n_episodes: int, val_ratio: float, seed: int, max_train_episodes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean (train, val) episode masks, as Diffusion Policy's ``get_val_mask`` + ``downsample_mask``.
+
+    At least one validation episode when ``val_ratio > 0`` and at least one training episode. With
+    ``max_train_episodes`` the training episodes are a seeded random subset of that size.
+    """
+    if not 0.0 <= val_ratio < 1.0:
+        raise ValueError(f"val_ratio must be in [0, 1), got {val_ratio}")
+    if max_train_episodes is not None and max_train_episodes < 1:
+        raise ValueError(f"max_train_episodes must be >= 1 or null, got {max_train_episodes}")
+    rng = np.random.default_rng(seed)
+    val = np.zeros(n_episodes, bool)
+    if val_ratio > 0 and n_episodes > 1:
+        n_val = min(max(1, round(n_episodes * val_ratio)), n_episodes - 1)
+        val[rng.choice(n_episodes, size=n_val, replace=False)] = True
+    train = ~val
+    if max_train_episodes is not None and train.sum() > max_train_episodes:
+        idx = np.flatnonzero(train)
+        keep = idx[np.random.default_rng(seed).choice(len(idx), size=max_train_episodes, replace=False)]
+        train = np.zeros(n_episodes, bool)
+        train[keep] = True
+    return train, val
+
+
+class SequenceDataset(torch.utils.data.Dataset):
+    """Windows over in-memory arrays. Item/batch: ``{"obs": {k: [B, To, ...]}, "action": [B, H, Da]}``.
+
+    ``obs``: per-step arrays ``[N, ...]``; ``image_keys`` are uint8 ``[N, h, w, 3]`` and come out float32
+    ``[.., 3, h, w]`` in [0, 1]. Observations are the first ``n_obs_steps`` steps of the window, actions all
+    ``horizon`` steps (Diffusion Policy pads ``n_obs_steps - 1`` before and ``n_action_steps - 1`` after).
+    """
+
+    def __init__(
+        self,
+        obs: Mapping[str, np.ndarray],
+        action: np.ndarray,
+        episode_ends: np.ndarray,
+        *,
+        horizon: int,
+        n_obs_steps: int,
+        n_action_steps: int,
+        episode_mask: np.ndarray | None = None,
+        image_keys: Iterable[str] = (),
+    ) -> None:
+        if not 1 <= n_obs_steps <= horizon:
+            raise ValueError(f"n_obs_steps must be in [1, horizon={horizon}], got {n_obs_steps}")
+        if not 1 <= n_action_steps <= horizon:
+            raise ValueError(f"n_action_steps must be in [1, horizon={horizon}], got {n_action_steps}")
+        self.obs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in obs.items()}
+        self.action = torch.from_numpy(np.ascontiguousarray(action, dtype=np.float32))
+        self.image_keys = frozenset(image_keys)
+        self.n_obs_steps = n_obs_steps
+        self.indices = torch.from_numpy(
+            window_indices(episode_ends, horizon, n_obs_steps - 1, n_action_steps - 1, episode_mask)
+        )
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def get_batch(self, idx: torch.Tensor) -> dict:
+        """Gather windows ``idx: [B]`` into a batch."""
+        rows = self.indices[idx]  # [B, H]
+        obs_rows = rows[:, : self.n_obs_steps]
+        obs = {}
+        for key, arr in self.obs.items():
+            x = arr[obs_rows]
+            if key in self.image_keys:
+                x = rearrange(x, "b t h w c -> b t c h w").float().div_(255.0)
+            obs[key] = x.float() if x.dtype != torch.float32 else x
+        return {"obs": obs, "action": self.action[rows]}
+
+    def __getitem__(self, i: int) -> dict:
+        batch = self.get_batch(torch.tensor([i]))
+        return {"obs": {k: v[0] for k, v in batch["obs"].items()}, "action": batch["action"][0]}
+
+    def normalizer_data(self) -> dict[str, torch.Tensor]:
+        """Every low-dimensional key (observations and ``action``) over the steps this dataset covers."""
+        steps = torch.unique(self.indices)
+        out = {k: v[steps].float() for k, v in self.obs.items() if k not in self.image_keys}
+        out["action"] = self.action[steps]
+        return out
+
+    def iterate(self, batch_size: int, generator: torch.Generator, drop_last: bool = True):
+        """One epoch of shuffled batches."""
+        perm = torch.randperm(len(self), generator=generator)
+        stop = len(perm) - batch_size + 1 if drop_last else len(perm)
+        for start in range(0, max(stop, 0), batch_size):
+            yield self.get_batch(perm[start : start + batch_size])

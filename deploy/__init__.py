@@ -1,0 +1,1 @@
+"""robodiff deployment: real-time controller loop and robot I/O (see the deployment issue)."""

@@ -1,0 +1,128 @@
+"""Task registry: a task binds a demonstration dataset to the simulator and evaluation protocol it came from.
+
+``register_task("pusht_state", factory)``; ``make_task(TaskConfig)`` builds by ``config.name``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from data.pusht import make_pusht_datasets, shape_meta
+from data.sequence import SequenceDataset
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    name: str = "pusht_state"
+    dataset_path: str | None = None  # None: $ROBODIFF_DATA, then ../shared/data beside the repository
+    val_ratio: float = 0.02
+    max_train_episodes: int | None = None  # Diffusion Policy's paper setting is 90
+    split_seed: int = 42
+    eval_seed_start: int = 100000  # Diffusion Policy's Push-T test seeds are 100000..100049
+    eval_episodes: int = 50
+    max_steps: int = 300
+    n_envs: int | None = None  # None: one worker process per available core
+
+    def __post_init__(self) -> None:
+        if self.eval_episodes < 1:
+            raise ValueError(f"task.eval_episodes must be >= 1, got {self.eval_episodes}")
+        if self.max_steps < 1:
+            raise ValueError(f"task.max_steps must be >= 1, got {self.max_steps}")
+
+
+class Task(Protocol):
+    config: TaskConfig
+    shape_meta: dict
+
+    def datasets(
+        self, horizon: int, n_obs_steps: int, n_action_steps: int
+    ) -> tuple[SequenceDataset, SequenceDataset]: ...
+
+    def evaluate(
+        self,
+        policy: Any,
+        *,
+        n_obs_steps: int,
+        n_action_steps: int,
+        n_episodes: int | None = None,
+        video_path: str | Path | None = None,
+        progress: bool = True,
+        **kwargs: Any,
+    ) -> Any: ...
+
+
+_TASKS: dict[str, Callable[[TaskConfig], Task]] = {}
+
+
+def register_task(name: str, factory: Callable[[TaskConfig], Task]) -> None:
+    if name in _TASKS:
+        raise ValueError(f"task '{name}' is already registered")
+    _TASKS[name] = factory
+
+
+def task_names() -> list[str]:
+    return sorted(_TASKS)
+
+
+def make_task(config: TaskConfig) -> Task:
+    if config.name not in _TASKS:
+        raise ValueError(f"unknown task '{config.name}'; registered tasks: {task_names()}")
+    return _TASKS[config.name](config)
+
+
+class PushTTask:
+    """Push-T with Diffusion Policy's data and evaluation protocol, in ``state`` or ``image`` observation mode."""
+
+    def __init__(self, config: TaskConfig, obs_mode: str) -> None:
+        self.config, self.obs_mode = config, obs_mode
+        self.shape_meta = shape_meta(obs_mode)
+
+    def datasets(
+        self, horizon: int, n_obs_steps: int, n_action_steps: int
+    ) -> tuple[SequenceDataset, SequenceDataset]:
+        c = self.config
+        return make_pusht_datasets(
+            c.dataset_path,
+            self.obs_mode,
+            horizon=horizon,
+            n_obs_steps=n_obs_steps,
+            n_action_steps=n_action_steps,
+            val_ratio=c.val_ratio,
+            seed=c.split_seed,
+            max_train_episodes=c.max_train_episodes,
+        )
+
+    def evaluate(
+        self,
+        policy: Any,
+        *,
+        n_obs_steps: int,
+        n_action_steps: int,
+        n_episodes: int | None = None,
+        video_path: str | Path | None = None,
+        progress: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        from envs.evaluate import evaluate  # imports gymnasium's vector machinery only when evaluating
+
+        c = self.config
+        return evaluate(
+            policy,
+            obs_mode=self.obs_mode,
+            n_episodes=n_episodes or c.eval_episodes,
+            seed_start=c.eval_seed_start,
+            n_envs=c.n_envs,
+            max_steps=c.max_steps,
+            n_obs_steps=n_obs_steps,
+            n_action_steps=n_action_steps,
+            video_path=video_path,
+            progress=progress,
+            **kwargs,
+        )
+
+
+register_task("pusht_state", lambda cfg: PushTTask(cfg, "state"))
+register_task("pusht_image", lambda cfg: PushTTask(cfg, "image"))

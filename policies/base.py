@@ -1,0 +1,118 @@
+"""The policy contract shared by every generative action-chunk policy.
+
+Shapes: observations ``obs: {key: [B, To, *shape]}`` (raw units; images float in [0, 1]), actions
+``[B, H, Da]`` in raw units. A policy is stateless: one instance serves a batch of environments and the chunk
+executor (``envs.executor``) owns queues and history.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from data.normalizer import LinearNormalizer
+
+
+@dataclasses.dataclass
+class PolicyConfig:
+    """Fields every chunk policy has. Subclasses add their own and validate in ``__post_init__``."""
+
+    type: ClassVar[str] = ""  # set by @register_policy
+    horizon: int = 16
+    n_obs_steps: int = 2
+    n_action_steps: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("horizon", "n_obs_steps", "n_action_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
+            raise ValueError(
+                f"n_obs_steps - 1 + n_action_steps must be <= horizon, got {self.n_obs_steps} - 1 + "
+                f"{self.n_action_steps} > {self.horizon}"
+            )
+
+    def build(self, shape_meta: Mapping) -> Policy:
+        raise NotImplementedError(f"{type(self).__name__} does not name a policy class")
+
+
+class Policy(nn.Module, abc.ABC):
+    """``compute_loss(batch) -> (loss, logs)`` and ``predict_action_chunk(obs, noise) -> [B, H, Da]``."""
+
+    def __init__(self, config: PolicyConfig, shape_meta: Mapping) -> None:
+        super().__init__()
+        self.config = config
+        self.shape_meta = {
+            "obs": {k: list(v) for k, v in shape_meta["obs"].items()},
+            "action": list(shape_meta["action"]),
+        }
+        self.action_dim = int(self.shape_meta["action"][0])
+        self.lowdim_keys = [k for k, s in self.shape_meta["obs"].items() if len(s) == 1]
+        self.image_keys = [k for k, s in self.shape_meta["obs"].items() if len(s) == 3]
+        dims = {k: self.shape_meta["obs"][k][0] for k in self.lowdim_keys}
+        self.normalizer = LinearNormalizer({**dims, "action": self.action_dim})
+
+    # -- contract --------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def compute_loss(self, batch: Mapping) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    @abc.abstractmethod
+    def predict_action_chunk(
+        self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+
+    def fit_normalizer(self, data: Mapping[str, torch.Tensor]) -> None:
+        """Fit min-max statistics of low-dimensional observations and actions (images are already [0, 1])."""
+        self.normalizer.fit({k: data[k] for k in [*self.lowdim_keys, "action"]})
+
+    # -- input checks (user-facing errors) -------------------------------------------------------------------
+    def check_obs(self, obs: Mapping[str, torch.Tensor]) -> int:
+        """Validate ``obs`` against the shape meta; return the batch size."""
+        expected = self.shape_meta["obs"]
+        missing = set(expected) - set(obs)
+        if missing:
+            raise ValueError(
+                f"observation is missing keys {sorted(missing)}; expected keys {sorted(expected)}"
+            )
+        batch = None
+        to = self.config.n_obs_steps
+        for key, shape in expected.items():
+            x = obs[key]
+            want = [to, *shape]
+            if (
+                x.ndim != len(want) + 1
+                or list(x.shape[1:]) != want
+                or (batch is not None and x.shape[0] != batch)
+            ):
+                raise ValueError(
+                    f"observation '{key}' has shape {list(x.shape)}, expected [B, {', '.join(map(str, want))}]"
+                    + (f" with B={batch}" if batch is not None else "")
+                )
+            batch = x.shape[0]
+            if key in self.lowdim_keys and not torch.isfinite(x).all():
+                raise ValueError(f"observation '{key}' contains NaN or inf")
+        return batch
+
+    def check_batch(self, batch: Mapping) -> int:
+        b = self.check_obs(batch["obs"])
+        action = batch["action"]
+        want = [b, self.config.horizon, self.action_dim]
+        if list(action.shape) != want:
+            raise ValueError(f"batch 'action' has shape {list(action.shape)}, expected {want}")
+        if not torch.isfinite(action).all():
+            raise ValueError("batch 'action' contains NaN or inf")
+        return b
+
+    def check_noise(self, noise: torch.Tensor, batch: int) -> None:
+        want = [batch, self.config.horizon, self.action_dim]
+        if list(noise.shape) != want:
+            raise ValueError(f"noise has shape {list(noise.shape)}, expected {want}")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device

@@ -1,0 +1,53 @@
+"""Policy registry: ``@register_policy("name")`` on a config dataclass; build by name or from a checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from policies.base import Policy, PolicyConfig
+
+_REGISTRY: dict[str, type[PolicyConfig]] = {}
+C = TypeVar("C", bound=type[PolicyConfig])
+
+
+def register_policy(name: str) -> Callable[[C], C]:
+    """Register a config dataclass under ``name``; returns the class unchanged."""
+
+    def decorator(cls: C) -> C:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"policy '{name}' is already registered by {_REGISTRY[name].__name__}")
+        cls.type = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def policy_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def config_class(name: str) -> type[PolicyConfig]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown policy '{name}'; registered policies: {policy_names()}")
+    return _REGISTRY[name]
+
+
+def config_from_dict(name: str, values: Mapping[str, Any]) -> PolicyConfig:
+    """Typed config from plain values (e.g. ``config.json``); unknown fields are an error."""
+    cls = config_class(name)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"policy '{name}' config has unknown fields {unknown}; known fields: {sorted(known)}"
+        )
+    return cls(**values)
+
+
+def make_policy(config: PolicyConfig, shape_meta: Mapping) -> Policy:
+    if not config.type:
+        raise ValueError(f"{type(config).__name__} is not registered with @register_policy")
+    return config.build(shape_meta)

@@ -1,0 +1,375 @@
+"""The one training loop for every registered policy.
+
+AdamW + cosine schedule with linear warm-up, gradient clipping, EMA weights (used for evaluation and saved as the
+checkpoint's model), periodic validation loss and simulator evaluation, ``latest`` and ``best`` checkpoints, and
+exact resume: raw weights, EMA, optimizer, LR schedule, step and every RNG are stored beside ``latest`` in
+safetensors + JSON (no pickle).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from data.sequence import SequenceDataset
+from policies.base import Policy
+from policies.checkpoint import MODEL_FILE, load_state, save_checkpoint
+
+STATE_TENSORS = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+AMP_MODES = ("none", "bf16")
+
+
+@dataclasses.dataclass
+class TrainLoopConfig:
+    steps: int = 5000
+    batch_size: int = 256
+    lr: float = 1e-4
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.95, 0.999])
+    weight_decay: float = 1e-6
+    warmup_steps: int = 500
+    grad_clip: float = 1.0
+    ema_power: float = 0.75  # EMA decay warm-up 1 - (1 + step)^-power (Diffusion Policy / diffusers EMAModel)
+    ema_max_decay: float = 0.9999
+    log_every: int = 50
+    val_every: int = 500  # 0 disables validation loss
+    eval_every: int = (
+        0  # 0 disables simulator evaluation during training (the end of training still evaluates)
+    )
+    eval_episodes: int = 20
+    checkpoint_every: int = 500
+    max_time_s: float = 0.0  # stop early after this much training time (0 = no limit)
+    seed: int = 42
+    num_threads: int = 0  # 0 = every core available to this process
+    device: str = "cpu"
+    amp: str = "none"  # "bf16": autocast matmuls/convs to bfloat16 (CPUs with AVX-512 BF16, recent GPUs)
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "eval_episodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "val_every", "eval_every", "num_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"train.amp must be one of {AMP_MODES}, got '{self.amp}'")
+        if len(self.betas) != 2:
+            raise ValueError(f"train.betas must have two values, got {self.betas}")
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class EMA:
+    """Exponential moving average of parameters with Diffusion Policy's decay warm-up; buffers are copied.
+
+    Hand-written rather than ``torch.optim.swa_utils.AveragedModel`` because that one averages buffers too (our
+    normalizer statistics and its ``fitted`` flag must be copied, not averaged) and has no decay warm-up.
+    """
+
+    def __init__(self, model: Policy, power: float, max_decay: float) -> None:
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.power, self.max_decay = power, max_decay
+
+    def decay(self, step: int) -> float:
+        return 0.0 if step <= 0 else min(self.max_decay, max(0.0, 1.0 - (1.0 + step) ** -self.power))
+
+    @torch.no_grad()
+    def update(self, model: Policy, step: int) -> None:
+        d = self.decay(step)
+        ema_p = list(self.model.parameters())
+        torch._foreach_mul_(ema_p, d)
+        torch._foreach_add_(ema_p, [p.detach() for p in model.parameters()], alpha=1.0 - d)
+        for eb, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            eb.copy_(b)
+
+
+def _cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# -- resume state without pickle -----------------------------------------------------------------------------
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, plain = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "state": plain}
+
+
+def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], meta: Mapping) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["state"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state(data_gen: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
+    np_state = np.random.get_state()
+    tensors = {
+        "rng.torch": torch.get_rng_state(),
+        "rng.data": data_gen.get_state(),
+        "rng.numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+    }
+    py_version, py_state, py_gauss = random.getstate()
+    meta = {
+        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_version, list(py_state), py_gauss],
+    }
+    return tensors, meta
+
+
+def _set_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping, data_gen: torch.Generator) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    data_gen.set_state(tensors["rng.data"])
+    name, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
+
+
+class Trainer:
+    """Trains ``policy`` on ``train_set``; ``eval_fn(policy) -> {"score": ..., ...}`` runs the simulator."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        train_set: SequenceDataset,
+        config: TrainLoopConfig,
+        run_dir: str | Path,
+        *,
+        val_set: SequenceDataset | None = None,
+        eval_fn: Callable[[Policy, int], Mapping[str, Any]] | None = None,
+        checkpoint_extra: Mapping[str, Any] | None = None,
+        log_fn: Callable[[dict], None] | None = None,
+        progress: bool = True,
+    ) -> None:
+        if len(train_set) < config.batch_size:
+            raise ValueError(
+                f"the training set has {len(train_set)} windows, fewer than train.batch_size="
+                f"{config.batch_size}"
+            )
+        self.cfg, self.run_dir = config, Path(run_dir)
+        self.train_set, self.val_set, self.eval_fn = train_set, val_set, eval_fn
+        self.checkpoint_extra, self.log_fn, self.progress = dict(checkpoint_extra or {}), log_fn, progress
+        self.device = torch.device(config.device)
+        self.policy = policy.to(self.device)
+        self.ema = EMA(self.policy, config.ema_power, config.ema_max_decay)
+        decay, no_decay = [], []
+        for name, p in self.policy.named_parameters():
+            # Norm scales and biases are not weight-decayed (standard AdamW practice, as in Diffusion Policy).
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=config.lr,
+            betas=tuple(config.betas),
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _cosine_with_warmup(config.warmup_steps, config.steps)
+        )
+        self.data_gen = torch.Generator().manual_seed(config.seed)
+        self.step, self.best_score = 0, -math.inf
+        self.loss_fn = torch.compile(self.policy.compute_loss) if config.compile else self.policy.compute_loss
+
+    @property
+    def latest_dir(self) -> Path:
+        return self.run_dir / "checkpoints" / "latest"
+
+    @property
+    def best_dir(self) -> Path:
+        return self.run_dir / "checkpoints" / "best"
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        tensors = {
+            f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in self.policy.state_dict().items()
+        }
+        opt_tensors, opt_meta = _flatten_optimizer(self.optimizer)
+        rng_tensors, rng_meta = _rng_state(self.data_gen)
+        meta = {
+            "step": self.step,
+            "best_score": self.best_score if math.isfinite(self.best_score) else None,
+            "optimizer": opt_meta,
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_meta,
+        }
+        from safetensors.torch import save as save_bytes
+
+        return save_checkpoint(
+            self.ema.model,
+            self.latest_dir,
+            self._extra(),
+            extra_files={
+                STATE_TENSORS: save_bytes({**tensors, **opt_tensors, **rng_tensors}),
+                STATE_JSON: json.dumps(meta).encode(),
+            },
+        )
+
+    def _extra(self) -> dict:
+        return {**self.checkpoint_extra, "step": self.step}
+
+    def resume(self, checkpoint_dir: str | Path) -> None:
+        """Restore everything ``save`` wrote; training continues exactly where it stopped."""
+        checkpoint_dir = Path(checkpoint_dir)
+        if not (checkpoint_dir / STATE_JSON).exists():
+            raise FileNotFoundError(
+                f"{checkpoint_dir} has no {STATE_JSON}: it is not a resumable checkpoint "
+                "(resume from <run_dir>/checkpoints/latest)"
+            )
+        meta = json.loads((checkpoint_dir / STATE_JSON).read_text())
+        tensors = load_state(checkpoint_dir / STATE_TENSORS)
+        self.policy.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.ema.model.load_state_dict(load_state(checkpoint_dir / MODEL_FILE))
+        self.optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+        self.scheduler.load_state_dict(meta["scheduler"])
+        _set_rng_state(tensors, meta["rng"], self.data_gen)
+        self.step = int(meta["step"])
+        self.best_score = -math.inf if meta["best_score"] is None else float(meta["best_score"])
+
+    # -- loop ------------------------------------------------------------------------------------------------
+    def _batches(self):
+        while True:
+            yield from self.train_set.iterate(self.cfg.batch_size, self.data_gen)
+
+    def _to_device(self, batch: Mapping) -> dict:
+        return {
+            "obs": {k: v.to(self.device, non_blocking=True) for k, v in batch["obs"].items()},
+            "action": batch["action"].to(self.device, non_blocking=True),
+        }
+
+    @torch.no_grad()
+    def validation_loss(self, max_batches: int = 8) -> float:
+        gen = torch.Generator().manual_seed(0)
+        losses = [
+            self.ema.model.compute_loss(self._to_device(b))[0].item()
+            for _, b in zip(
+                range(max_batches), self.val_set.iterate(self.cfg.batch_size, gen, False), strict=False
+            )
+        ]
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def _log(self, record: dict) -> None:
+        if self.log_fn is not None:
+            self.log_fn({"step": self.step, **record})
+
+    def evaluate(self) -> Mapping[str, Any] | None:
+        if self.eval_fn is None:
+            return None
+        result = dict(self.eval_fn(self.ema.model, self.step))
+        self._log({f"eval/{k}": v for k, v in result.items() if isinstance(v, int | float)})
+        if result["score"] > self.best_score:
+            self.best_score = float(result["score"])
+            save_checkpoint(self.ema.model, self.best_dir, {**self._extra(), "eval": result})
+        return result
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+        batches = self._batches()
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            disable=not self.progress,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        t_start, t_log, samples, loss_sum, n_loss = time.perf_counter(), time.perf_counter(), 0, 0.0, 0
+        self.policy.train()
+        while self.step < cfg.steps:
+            batch = self._to_device(next(batches))
+            with amp:
+                loss, _ = self.loss_fn(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss became {loss.item()} at step {self.step}; lower train.lr or check the data"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            self.ema.update(self.policy, self.step)
+            samples += cfg.batch_size
+            loss_sum, n_loss = loss_sum + loss.item(), n_loss + 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                now = time.perf_counter()
+                record = {
+                    "train/loss": loss_sum / n_loss,
+                    "train/lr": self.scheduler.get_last_lr()[0],
+                    "train/grad_norm": float(grad_norm),
+                    "train/samples_per_s": samples / (now - t_log),
+                }
+                bar.set_postfix(loss=f"{record['train/loss']:.4f}")
+                self._log(record)
+                t_log, samples, loss_sum, n_loss = now, 0, 0.0, 0
+            if (
+                self.val_set is not None
+                and len(self.val_set)
+                and cfg.val_every
+                and self.step % cfg.val_every == 0
+            ):
+                self._log({"val/loss": self.validation_loss()})
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self.evaluate()
+                self.policy.train()
+            if self.step % cfg.checkpoint_every == 0:
+                self.save()
+            if cfg.max_time_s and time.perf_counter() - t_start > cfg.max_time_s:
+                tqdm.write(f"stopping at step {self.step}: train.max_time_s={cfg.max_time_s} reached")
+                break
+        bar.close()
+        train_time = time.perf_counter() - t_start
+        self.save()
+        final = self.evaluate()
+        if final is not None:
+            self.save()  # persist best_score for resume
+        return {
+            "step": self.step,
+            "train_time_s": train_time,
+            "final_eval": final,
+            "latest": str(self.latest_dir),
+            "best": str(self.best_dir) if final is not None else None,
+        }

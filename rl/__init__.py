@@ -1,0 +1,1 @@
+"""robodiff RL adaptation of frozen imitation policies (see the RL adaptation issue)."""
