@@ -123,13 +123,9 @@ def cmd_train(overrides: Sequence[str]) -> dict:
         name = cfg.name or f"{stamp:%H%M%S}_{cfg.task.name}_{cfg.policy.type}"
         run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / f"{stamp:%Y-%m-%d}" / name
         if (run_dir / "checkpoints" / "latest").exists():
-            raise UsageError(
-                f"{run_dir} already holds a run; resume it with resume={run_dir} or pick another run_dir"
-            )
+            raise UsageError(f"{run_dir} already holds a run; resume it with resume={run_dir} or pick another run_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "overrides.json").write_text(
-        json.dumps([o for o in overrides if not o.startswith("resume=")] if not saved else saved)
-    )
+    (run_dir / "overrides.json").write_text(json.dumps(saved or [o for o in overrides if not o.startswith("resume=")]))
     resolved = {
         "task": _jsonable(cfg.task),
         "policy_type": cfg.policy.type,
@@ -204,9 +200,7 @@ def cmd_eval(overrides: Sequence[str]) -> dict:
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(str(err)) from err
     inference = {
-        k: getattr(cfg, k)
-        for k in ("sampler", "num_inference_steps", "n_action_steps")
-        if getattr(cfg, k) is not None
+        k: getattr(cfg, k) for k in ("sampler", "num_inference_steps", "n_action_steps") if getattr(cfg, k) is not None
     }
     torch.set_num_threads(available_cores())
     try:

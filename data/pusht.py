@@ -51,9 +51,7 @@ def resolve_pusht_path(path: str | os.PathLike | None = None) -> Path:
     for candidate in tried:
         if (candidate / "meta").is_dir() and (candidate / "data").is_dir():
             return candidate
-    raise FileNotFoundError(
-        f"Push-T dataset not found; tried {', '.join(str(p) for p in tried)}. {DOWNLOAD_HINT}"
-    )
+    raise FileNotFoundError(f"Push-T dataset not found; tried {', '.join(str(p) for p in tried)}. {DOWNLOAD_HINT}")
 
 
 def load_pusht(path: str | os.PathLike | None, obs_mode: str) -> tuple[dict, np.ndarray, np.ndarray]:

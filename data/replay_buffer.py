@@ -23,9 +23,7 @@ _READ_CHUNK = 2048
 class ReplayBuffer:
     """In-memory episodes: ``data[key]: [N, ...]`` and ``episode_ends: [E]`` (exclusive, increasing)."""
 
-    def __init__(
-        self, data: Mapping[str, np.ndarray] | None = None, episode_ends: Iterable[int] = ()
-    ) -> None:
+    def __init__(self, data: Mapping[str, np.ndarray] | None = None, episode_ends: Iterable[int] = ()) -> None:
         self.data: dict[str, np.ndarray] = dict(data or {})
         self.episode_ends = np.asarray(list(episode_ends), dtype=np.int64)
         self._validate()
@@ -33,18 +31,14 @@ class ReplayBuffer:
     def _validate(self) -> None:
         n = int(self.episode_ends[-1]) if len(self.episode_ends) else 0
         if len(self.episode_ends) and np.any(np.diff(np.concatenate([[0], self.episode_ends])) <= 0):
-            raise ValueError(
-                f"episode_ends must be strictly increasing and positive, got {self.episode_ends}"
-            )
+            raise ValueError(f"episode_ends must be strictly increasing and positive, got {self.episode_ends}")
         for key, arr in self.data.items():
             if len(arr) != n:
                 raise ValueError(f"data/{key} has {len(arr)} steps but episode_ends[-1] is {n}")
 
     # -- reading ---------------------------------------------------------------------------------------------
     @classmethod
-    def load(
-        cls, path: str | Path, keys: Iterable[str] | None = None, image_keys: Iterable[str] = ()
-    ) -> ReplayBuffer:
+    def load(cls, path: str | Path, keys: Iterable[str] | None = None, image_keys: Iterable[str] = ()) -> ReplayBuffer:
         """Copy a zarr store into memory. ``image_keys`` are converted to uint8 (values 0..255)."""
         path = Path(path)
         if not path.exists():
@@ -106,14 +100,10 @@ class ReplayBuffer:
             raise ValueError("cannot add an empty episode")
         if self.data:
             if set(episode) != set(self.data):
-                raise ValueError(
-                    f"episode keys {sorted(episode)} differ from buffer keys {sorted(self.data)}"
-                )
+                raise ValueError(f"episode keys {sorted(episode)} differ from buffer keys {sorted(self.data)}")
             for k, v in episode.items():
                 if v.shape[1:] != self.data[k].shape[1:]:
-                    raise ValueError(
-                        f"{k}: per-step shape {v.shape[1:]} != buffer's {self.data[k].shape[1:]}"
-                    )
+                    raise ValueError(f"{k}: per-step shape {v.shape[1:]} != buffer's {self.data[k].shape[1:]}")
             self.data = {k: np.concatenate([self.data[k], np.asarray(episode[k])]) for k in self.data}
         else:
             self.data = {k: np.asarray(v).copy() for k, v in episode.items()}

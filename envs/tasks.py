@@ -80,9 +80,7 @@ class PushTTask:
         self.config, self.obs_mode = config, obs_mode
         self.shape_meta = shape_meta(obs_mode)
 
-    def datasets(
-        self, horizon: int, n_obs_steps: int, n_action_steps: int
-    ) -> tuple[SequenceDataset, SequenceDataset]:
+    def datasets(self, horizon: int, n_obs_steps: int, n_action_steps: int) -> tuple[SequenceDataset, SequenceDataset]:
         c = self.config
         return make_pusht_datasets(
             c.dataset_path,

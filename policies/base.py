@@ -76,19 +76,13 @@ class Policy(nn.Module, abc.ABC):
         expected = self.shape_meta["obs"]
         missing = set(expected) - set(obs)
         if missing:
-            raise ValueError(
-                f"observation is missing keys {sorted(missing)}; expected keys {sorted(expected)}"
-            )
+            raise ValueError(f"observation is missing keys {sorted(missing)}; expected keys {sorted(expected)}")
         batch = None
         to = self.config.n_obs_steps
         for key, shape in expected.items():
             x = obs[key]
             want = [to, *shape]
-            if (
-                x.ndim != len(want) + 1
-                or list(x.shape[1:]) != want
-                or (batch is not None and x.shape[0] != batch)
-            ):
+            if x.ndim != len(want) + 1 or list(x.shape[1:]) != want or (batch is not None and x.shape[0] != batch):
                 raise ValueError(
                     f"observation '{key}' has shape {list(x.shape)}, expected [B, {', '.join(map(str, want))}]"
                     + (f" with B={batch}" if batch is not None else "")

@@ -41,9 +41,7 @@ def config_from_dict(name: str, values: Mapping[str, Any]) -> PolicyConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(
-            f"policy '{name}' config has unknown fields {unknown}; known fields: {sorted(known)}"
-        )
+        raise ValueError(f"policy '{name}' config has unknown fields {unknown}; known fields: {sorted(known)}")
     return cls(**values)
 
 

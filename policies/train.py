@@ -45,9 +45,7 @@ class TrainLoopConfig:
     ema_max_decay: float = 0.9999
     log_every: int = 50
     val_every: int = 500  # 0 disables validation loss
-    eval_every: int = (
-        0  # 0 disables simulator evaluation during training (the end of training still evaluates)
-    )
+    eval_every: int = 0  # 0 disables simulator evaluation during training (the end of training still evaluates)
     eval_episodes: int = 20
     checkpoint_every: int = 500
     max_time_s: float = 0.0  # stop early after this much training time (0 = no limit)
@@ -183,8 +181,7 @@ class Trainer:
     ) -> None:
         if len(train_set) < config.batch_size:
             raise ValueError(
-                f"the training set has {len(train_set)} windows, fewer than train.batch_size="
-                f"{config.batch_size}"
+                f"the training set has {len(train_set)} windows, fewer than train.batch_size={config.batch_size}"
             )
         self.cfg, self.run_dir = config, Path(run_dir)
         self.train_set, self.val_set, self.eval_fn = train_set, val_set, eval_fn
@@ -221,9 +218,7 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def save(self) -> Path:
-        tensors = {
-            f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in self.policy.state_dict().items()
-        }
+        tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in self.policy.state_dict().items()}
         opt_tensors, opt_meta = _flatten_optimizer(self.optimizer)
         rng_tensors, rng_meta = _rng_state(self.data_gen)
         meta = {
@@ -282,9 +277,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(0)
         losses = [
             self.ema.model.compute_loss(self._to_device(b))[0].item()
-            for _, b in zip(
-                range(max_batches), self.val_set.iterate(self.cfg.batch_size, gen, False), strict=False
-            )
+            for _, b in zip(range(max_batches), self.val_set.iterate(self.cfg.batch_size, gen, False), strict=False)
         ]
         return float(np.mean(losses)) if losses else float("nan")
 
@@ -345,12 +338,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['train/loss']:.4f}")
                 self._log(record)
                 t_log, samples, loss_sum, n_loss = now, 0, 0.0, 0
-            if (
-                self.val_set is not None
-                and len(self.val_set)
-                and cfg.val_every
-                and self.step % cfg.val_every == 0
-            ):
+            if self.val_set is not None and len(self.val_set) and cfg.val_every and self.step % cfg.val_every == 0:
                 self._log({"val/loss": self.validation_loss()})
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 self.evaluate()
