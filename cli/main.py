@@ -143,12 +143,12 @@ def cmd_train(overrides: Sequence[str]) -> dict:
     policy.fit_normalizer(train_set.normalizer_data())
     video_dir = run_dir / "videos"
 
-    def eval_fn(model, step: int) -> dict:
+    def eval_fn(model, step: int, final: bool) -> dict:
         result = task.evaluate(
             model,
             n_obs_steps=p.n_obs_steps,
             n_action_steps=p.n_action_steps,
-            n_episodes=cfg.train.eval_episodes if step < cfg.train.steps else cfg.task.eval_episodes,
+            n_episodes=cfg.task.eval_episodes if final else cfg.train.eval_episodes,
             video_path=video_dir / f"step_{step:07d}.mp4" if cfg.video else None,
             device=cfg.train.device,
         )

@@ -23,7 +23,7 @@ class ChunkPolicy(Protocol):
     def predict_action_chunk(self, obs: dict[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
@@ -48,11 +48,11 @@ class ChunkExecutor:
         temporal_ensemble: float | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
-        _check_int("n_obs_steps", n_obs_steps, 1)
-        _check_int("n_action_steps", n_action_steps, 1)
+        check_int("n_obs_steps", n_obs_steps, 1)
+        check_int("n_action_steps", n_action_steps, 1)
         if action_offset is None:
             action_offset = n_obs_steps - 1
-        _check_int("action_offset", action_offset, 0)
+        check_int("action_offset", action_offset, 0)
         if temporal_ensemble is not None and (
             isinstance(temporal_ensemble, bool)
             or not isinstance(temporal_ensemble, (int, float))
@@ -70,7 +70,7 @@ class ChunkExecutor:
 
     def reset(self, batch_size: int) -> None:
         """Forget history and queued actions; the next `act` starts new episodes for `batch_size` envs."""
-        _check_int("batch_size", batch_size, 1)
+        check_int("batch_size", batch_size, 1)
         self.batch_size = batch_size
         self._history: dict[str, deque[np.ndarray]] = {}  # key -> To arrays [B, ...], oldest first
         self._queue: deque[np.ndarray] = deque()  # [B, Da] actions for the coming steps

@@ -24,7 +24,7 @@ class TaskConfig:
     eval_seed_start: int = 100000  # Diffusion Policy's Push-T test seeds are 100000..100049
     eval_episodes: int = 50
     max_steps: int = 300
-    n_envs: int | None = None  # None: one worker process per available core
+    n_envs: int | None = None  # None: min(episodes, 25) simulator processes, batched through one policy call
 
     def __post_init__(self) -> None:
         if self.eval_episodes < 1:

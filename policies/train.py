@@ -139,13 +139,9 @@ def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], meta: Mapping) -> 
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _rng_state(data_gen: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     np_state = np.random.get_state()
-    tensors = {
-        "rng.torch": torch.get_rng_state(),
-        "rng.data": data_gen.get_state(),
-        "rng.numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-    }
+    tensors = {"rng.torch": torch.get_rng_state(), "rng.numpy": torch.from_numpy(np_state[1].astype(np.int64))}
     py_version, py_state, py_gauss = random.getstate()
     meta = {
         "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
@@ -154,9 +150,8 @@ def _rng_state(data_gen: torch.Generator) -> tuple[dict[str, torch.Tensor], dict
     return tensors, meta
 
 
-def _set_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping, data_gen: torch.Generator) -> None:
+def _set_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
     torch.set_rng_state(tensors["rng.torch"])
-    data_gen.set_state(tensors["rng.data"])
     name, pos, has_gauss, cached = meta["numpy"]
     np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
     version, state, gauss = meta["python"]
@@ -164,7 +159,11 @@ def _set_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping, data_gen:
 
 
 class Trainer:
-    """Trains ``policy`` on ``train_set``; ``eval_fn(policy) -> {"score": ..., ...}`` runs the simulator."""
+    """Trains ``policy`` on ``train_set``.
+
+    ``eval_fn(policy, step, final) -> {"score": ..., ...}`` runs the simulator; ``final`` is True for the
+    evaluation after training (which may stop before ``steps`` when ``max_time_s`` is reached).
+    """
 
     def __init__(
         self,
@@ -174,7 +173,7 @@ class Trainer:
         run_dir: str | Path,
         *,
         val_set: SequenceDataset | None = None,
-        eval_fn: Callable[[Policy, int], Mapping[str, Any]] | None = None,
+        eval_fn: Callable[[Policy, int, bool], Mapping[str, Any]] | None = None,
         checkpoint_extra: Mapping[str, Any] | None = None,
         log_fn: Callable[[dict], None] | None = None,
         progress: bool = True,
@@ -204,7 +203,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _cosine_with_warmup(config.warmup_steps, config.steps)
         )
-        self.data_gen = torch.Generator().manual_seed(config.seed)
         self.step, self.best_score = 0, -math.inf
         self.loss_fn = torch.compile(self.policy.compute_loss) if config.compile else self.policy.compute_loss
 
@@ -220,7 +218,7 @@ class Trainer:
     def save(self) -> Path:
         tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in self.policy.state_dict().items()}
         opt_tensors, opt_meta = _flatten_optimizer(self.optimizer)
-        rng_tensors, rng_meta = _rng_state(self.data_gen)
+        rng_tensors, rng_meta = _rng_state()
         meta = {
             "step": self.step,
             "best_score": self.best_score if math.isfinite(self.best_score) else None,
@@ -257,14 +255,22 @@ class Trainer:
         self.ema.model.load_state_dict(load_state(checkpoint_dir / MODEL_FILE))
         self.optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
         self.scheduler.load_state_dict(meta["scheduler"])
-        _set_rng_state(tensors, meta["rng"], self.data_gen)
+        _set_rng_state(tensors, meta["rng"])
         self.step = int(meta["step"])
         self.best_score = -math.inf if meta["best_score"] is None else float(meta["best_score"])
 
     # -- loop ------------------------------------------------------------------------------------------------
     def _batches(self):
+        """Shuffled batches continuing from ``self.step``: epoch e's order comes from seed + e alone, so a resumed
+        run sees exactly the batches an uninterrupted one would, with nothing about data order to store."""
+        bs = self.cfg.batch_size
+        per_epoch = len(self.train_set) // bs
+        epoch, pos = divmod(self.step, per_epoch)
         while True:
-            yield from self.train_set.iterate(self.cfg.batch_size, self.data_gen)
+            perm = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+            for i in range(pos, per_epoch):
+                yield self.train_set.get_batch(perm[i * bs : (i + 1) * bs])
+            epoch, pos = epoch + 1, 0
 
     def _to_device(self, batch: Mapping) -> dict:
         return {
@@ -285,10 +291,10 @@ class Trainer:
         if self.log_fn is not None:
             self.log_fn({"step": self.step, **record})
 
-    def evaluate(self) -> Mapping[str, Any] | None:
+    def evaluate(self, final: bool = False) -> Mapping[str, Any] | None:
         if self.eval_fn is None:
             return None
-        result = dict(self.eval_fn(self.ema.model, self.step))
+        result = dict(self.eval_fn(self.ema.model, self.step, final))
         self._log({f"eval/{k}": v for k, v in result.items() if isinstance(v, int | float)})
         if result["score"] > self.best_score:
             self.best_score = float(result["score"])
@@ -351,7 +357,7 @@ class Trainer:
         bar.close()
         train_time = time.perf_counter() - t_start
         self.save()
-        final = self.evaluate()
+        final = self.evaluate(final=True)
         if final is not None:
             self.save()  # persist best_score for resume
         return {

@@ -106,3 +106,14 @@ def test_missing_dataset_path_is_a_clear_error(tmp_path):
         check=False,
     )
     assert proc.returncode != 0 and "Push-T dataset not found" in proc.stderr and "none.zarr" in proc.stderr
+
+
+@pytest.mark.slow
+def test_train_logs_to_wandb_offline(tmp_path, pusht_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "run"
+    args = [a for a in TINY if a != "logger=none"]
+    robodiff("train", *args, "logger=wandb", "train.steps=2", f"run_dir={run_dir}")
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and any(offline_runs[0].rglob("*.wandb"))
+    assert [r["step"] for r in metrics(run_dir) if "train/loss" in r] == [2]
