@@ -90,7 +90,11 @@ def main() -> None:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         },
         "command": "python benchmarks/pusht.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, [], 0)),
+        + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items()
+            if v not in (None, [], 0)
+        ),
         "train_overrides": overrides,
         "max_train_episodes": args.max_train_episodes,
         "budget_min": args.budget_min,
