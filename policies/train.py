@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save as save_bytes
 from tqdm.auto import tqdm
 
 from data.sequence import SequenceDataset
 from policies.base import Policy
-from policies.checkpoint import MODEL_FILE, load_state, save_checkpoint
+from policies.checkpoint import MODEL_FILE, load_state, policy_state, save_checkpoint
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
@@ -216,7 +217,7 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def save(self) -> Path:
-        tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in self.policy.state_dict().items()}
+        tensors = {f"model.{k}": v for k, v in policy_state(self.policy).items()}
         opt_tensors, opt_meta = _flatten_optimizer(self.optimizer)
         rng_tensors, rng_meta = _rng_state()
         meta = {
@@ -226,8 +227,6 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_meta,
         }
-        from safetensors.torch import save as save_bytes
-
         return save_checkpoint(
             self.ema.model,
             self.latest_dir,
