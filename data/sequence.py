@@ -122,9 +122,9 @@ class SequenceDataset(torch.utils.data.Dataset):
         out["action"] = self.action[steps]
         return out
 
-    def iterate(self, batch_size: int, generator: torch.Generator, drop_last: bool = True):
-        """One epoch of shuffled batches."""
+    def iterate(self, batch_size: int, generator: torch.Generator, drop_last: bool = True, start_batch: int = 0):
+        """One epoch of shuffled batches, skipping the first ``start_batch`` (to continue an epoch on resume)."""
         perm = torch.randperm(len(self), generator=generator)
         stop = len(perm) - batch_size + 1 if drop_last else len(perm)
-        for start in range(0, max(stop, 0), batch_size):
+        for start in range(start_batch * batch_size, max(stop, 0), batch_size):
             yield self.get_batch(perm[start : start + batch_size])

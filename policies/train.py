@@ -266,9 +266,7 @@ class Trainer:
         per_epoch = len(self.train_set) // bs
         epoch, pos = divmod(self.step, per_epoch)
         while True:
-            perm = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-            for i in range(pos, per_epoch):
-                yield self.train_set.get_batch(perm[i * bs : (i + 1) * bs])
+            yield from self.train_set.iterate(bs, torch.Generator().manual_seed(self.cfg.seed + epoch), start_batch=pos)
             epoch, pos = epoch + 1, 0
 
     def _to_device(self, batch: Mapping) -> dict:
