@@ -10,6 +10,7 @@ Actions are the commanded agent position in pixels, ``[2]``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +55,9 @@ def resolve_pusht_path(path: str | os.PathLike | None = None) -> Path:
     raise FileNotFoundError(f"Push-T dataset not found; tried {', '.join(str(p) for p in tried)}. {DOWNLOAD_HINT}")
 
 
-def load_pusht(path: str | os.PathLike | None, obs_mode: str) -> tuple[dict, np.ndarray, np.ndarray]:
-    """``(obs: {key: [N, ...]}, action: [N, 2], episode_ends: [E])`` in the chosen observation mode."""
+def load_pusht(path: str | os.PathLike | None, obs_mode: str) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """``(obs: {key: [N, ...]}, action: [N, 2], episode_ends: [E], sim_state: [N, 5])`` in the chosen observation
+    mode; ``sim_state`` is the recorded simulator state (agent xy, block xy, block angle)."""
     shape_meta(obs_mode)  # validates obs_mode
     keys = ["state", "action"] + (["keypoint"] if obs_mode == "state" else ["img"])
     buf = ReplayBuffer.load(resolve_pusht_path(path), keys=keys, image_keys=["img"])
@@ -65,7 +67,16 @@ def load_pusht(path: str | os.PathLike | None, obs_mode: str) -> tuple[dict, np.
         obs = {"state": np.concatenate([keypoints, agent_pos], axis=1).astype(np.float32)}
     else:
         obs = {"image": buf.data["img"], "agent_pos": agent_pos}
-    return obs, buf.data["action"].astype(np.float32), buf.episode_ends
+    return obs, buf.data["action"].astype(np.float32), buf.episode_ends, buf.data["state"]
+
+
+def next_step_index(episode_ends: np.ndarray) -> np.ndarray:
+    """``[N]``: index of the step after each step, the last step of an episode mapping to itself (the state an
+    episode's final action leads to is not recorded)."""
+    ends = np.asarray(episode_ends, dtype=np.int64)
+    nxt = np.arange(1, ends[-1] + 1) if len(ends) else np.zeros(0, np.int64)
+    nxt[ends - 1] = ends - 1
+    return nxt
 
 
 def make_pusht_datasets(
@@ -78,9 +89,14 @@ def make_pusht_datasets(
     val_ratio: float = 0.02,
     seed: int = 42,
     max_train_episodes: int | None = None,
+    reward_fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[SequenceDataset, SequenceDataset]:
-    """Train and validation windows, split by episode (seeded) as in Diffusion Policy."""
-    obs, action, episode_ends = load_pusht(path, obs_mode)
+    """Train and validation windows, split by episode (seeded) as in Diffusion Policy.
+
+    ``reward_fn(next_state [N, 5]) -> (reward [N], terminal [N])`` adds transitions (see ``SequenceDataset``):
+    step t's reward is computed from the recorded state after it (``envs.pusht`` supplies the environment's
+    coverage reward; ``data`` does not import ``envs``)."""
+    obs, action, episode_ends, sim_state = load_pusht(path, obs_mode)
     train_mask, val_mask = split_episodes(len(episode_ends), val_ratio, seed, max_train_episodes)
     kwargs = dict(
         horizon=horizon,
@@ -88,6 +104,9 @@ def make_pusht_datasets(
         n_action_steps=n_action_steps,
         image_keys=["image"] if obs_mode == "image" else [],
     )
+    if reward_fn is not None:
+        reward, terminal = reward_fn(sim_state[next_step_index(episode_ends)])
+        kwargs.update(reward=reward, terminal=terminal)
     train = SequenceDataset(obs, action, episode_ends, episode_mask=train_mask, **kwargs)
     val = SequenceDataset(obs, action, episode_ends, episode_mask=val_mask, **kwargs)
     return train, val

@@ -70,6 +70,14 @@ class SequenceDataset(torch.utils.data.Dataset):
     ``obs``: per-step arrays ``[N, ...]``; ``image_keys`` are uint8 ``[N, h, w, 3]`` and come out float32
     ``[.., 3, h, w]`` in [0, 1]. Observations are the first ``n_obs_steps`` steps of the window, actions all
     ``horizon`` steps (Diffusion Policy pads ``n_obs_steps - 1`` before and ``n_action_steps - 1`` after).
+
+    Transitions (offline RL): with per-step ``reward [N]`` and ``terminal [N]`` (step t's reward and whether the
+    state it leads to is terminal), batches also carry, for the chunk ``action[:, To-1 : To-1+Ta]`` that the
+    executor runs (Ta = ``n_action_steps``):
+      ``reward [B, Ta]``, ``terminal [B, Ta]`` (float32) of those steps, and
+      ``next_obs {k: [B, To, ...]}``, the observation window Ta steps later (where the next chunk is predicted).
+    Windows are then built ``Ta`` steps longer with ``Ta`` more end padding: the same windows (their first
+    ``horizon`` columns are identical), each extended by the steps a transition needs, clamped at the episode end.
     """
 
     def __init__(
@@ -83,6 +91,8 @@ class SequenceDataset(torch.utils.data.Dataset):
         n_action_steps: int,
         episode_mask: np.ndarray | None = None,
         image_keys: Iterable[str] = (),
+        reward: np.ndarray | None = None,
+        terminal: np.ndarray | None = None,
     ) -> None:
         if not 1 <= n_obs_steps <= horizon:
             raise ValueError(f"n_obs_steps must be in [1, horizon={horizon}], got {n_obs_steps}")
@@ -91,9 +101,24 @@ class SequenceDataset(torch.utils.data.Dataset):
         self.obs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in obs.items()}
         self.action = torch.from_numpy(np.ascontiguousarray(action, dtype=np.float32))
         self.image_keys = frozenset(image_keys)
-        self.n_obs_steps = n_obs_steps
+        self.n_obs_steps, self.n_action_steps, self.horizon = n_obs_steps, n_action_steps, horizon
+        if (reward is None) != (terminal is None):
+            raise ValueError("reward and terminal must be given together (per-step arrays [N]) or not at all")
+        self.reward = self.terminal = None
+        extra = 0
+        if reward is not None:
+            n = len(self.action)
+            if np.shape(reward) != (n,) or np.shape(terminal) != (n,):
+                raise ValueError(
+                    f"reward and terminal must have shape [{n}] (one per step), got {np.shape(reward)} and "
+                    f"{np.shape(terminal)}"
+                )
+            self.reward = torch.as_tensor(np.asarray(reward, dtype=np.float32))
+            self.terminal = torch.as_tensor(np.asarray(terminal, dtype=np.float32))
+            extra = n_action_steps
+        # [n_windows, horizon (+ Ta with transitions)] absolute step indices
         self.indices = torch.from_numpy(
-            window_indices(episode_ends, horizon, n_obs_steps - 1, n_action_steps - 1, episode_mask)
+            window_indices(episode_ends, horizon + extra, n_obs_steps - 1, n_action_steps - 1 + extra, episode_mask)
         )
 
     def __len__(self) -> int:
@@ -101,19 +126,28 @@ class SequenceDataset(torch.utils.data.Dataset):
 
     def get_batch(self, idx: torch.Tensor) -> dict:
         """Gather windows ``idx: [B]`` into a batch."""
-        rows = self.indices[idx]  # [B, H]
-        obs_rows = rows[:, : self.n_obs_steps]
+        rows = self.indices[idx]  # [B, H (+ Ta)]
+        To, Ta = self.n_obs_steps, self.n_action_steps
+        batch = {"obs": self._obs(rows[:, :To]), "action": self.action[rows[:, : self.horizon]]}
+        if self.reward is not None:
+            executed = rows[:, To - 1 : To - 1 + Ta]  # [B, Ta]
+            batch["reward"] = self.reward[executed]
+            batch["terminal"] = self.terminal[executed]
+            batch["next_obs"] = self._obs(rows[:, Ta : Ta + To])
+        return batch
+
+    def _obs(self, obs_rows: torch.Tensor) -> dict[str, torch.Tensor]:
         obs = {}
         for key, arr in self.obs.items():
             x = arr[obs_rows]
             if key in self.image_keys:
                 x = rearrange(x, "b t h w c -> b t c h w").float().div_(255.0)
             obs[key] = x.float() if x.dtype != torch.float32 else x
-        return {"obs": obs, "action": self.action[rows]}
+        return obs
 
     def __getitem__(self, i: int) -> dict:
         batch = self.get_batch(torch.tensor([i]))
-        return {"obs": {k: v[0] for k, v in batch["obs"].items()}, "action": batch["action"][0]}
+        return {k: {kk: vv[0] for kk, vv in v.items()} if isinstance(v, dict) else v[0] for k, v in batch.items()}
 
     def normalizer_data(self) -> dict[str, torch.Tensor]:
         """Every low-dimensional key (observations and ``action``) over the steps this dataset covers."""

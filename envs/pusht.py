@@ -16,6 +16,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import shapely
 from gym_pusht.envs.pusht import PushTEnv as _GymPushTEnv
 from gymnasium import spaces
 
@@ -52,6 +53,45 @@ def block_keypoints(state: np.ndarray) -> np.ndarray:
     x = cos * px - sin * py + state[..., 2, None]
     y = sin * px + cos * py + state[..., 3, None]
     return np.stack([x, y], axis=-1)
+
+
+# The T as gym-pusht builds it (`add_tee`, scale 30, length 4): two rectangles in the block frame, pixels.
+_TEE_LOCAL = np.array(
+    [
+        [[-60.0, 30.0], [60.0, 30.0], [60.0, 0.0], [-60.0, 0.0]],  # the bar
+        [[-15.0, 30.0], [-15.0, 120.0], [15.0, 120.0], [15.0, 30.0]],  # the stem
+    ]
+)
+GOAL_POSE = np.array([256.0, 256.0, np.pi / 4])  # gym-pusht's fixed goal: block x, y, angle
+
+
+def _tee_polygons(pose: np.ndarray) -> np.ndarray:
+    """``pose [N, 3] (x, y, angle) -> shapely polygons [N, 2]`` (bar, stem) in world pixels."""
+    cos, sin = np.cos(pose[:, 2, None, None]), np.sin(pose[:, 2, None, None])  # [N, 1, 1]
+    x = cos * _TEE_LOCAL[..., 0] - sin * _TEE_LOCAL[..., 1] + pose[:, 0, None, None]  # [N, 2, 4]
+    y = sin * _TEE_LOCAL[..., 0] + cos * _TEE_LOCAL[..., 1] + pose[:, 1, None, None]
+    return shapely.polygons(np.stack([x, y], axis=-1))
+
+
+def coverage(state: np.ndarray) -> np.ndarray:
+    """Goal coverage as gym-pusht computes it (area(block & goal) / area(goal)) for ``state [..., 5]`` (agent xy,
+    block xy, angle) -> ``[...]``, vectorised over states: offline RL computes the reward of every recorded step.
+
+    The bar and stem of a T only share an edge, so the intersection area of the two Ts is the sum of the four
+    pairwise rectangle intersections (no shapely union per state)."""
+    state = np.asarray(state, dtype=np.float64)
+    if state.shape[-1:] != (5,):
+        raise ValueError(f"state must have shape [..., 5], got {state.shape}")
+    flat = state.reshape(-1, 5)
+    block = _tee_polygons(flat[:, 2:])  # [N, 2]
+    goal = _tee_polygons(GOAL_POSE[None])[0]  # [2]
+    inter = shapely.area(shapely.intersection(block[:, :, None], goal[None, None, :])).sum(axis=(1, 2))
+    return (inter / shapely.area(goal).sum()).reshape(state.shape[:-1])
+
+
+def reward_from_coverage(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The environment's reward and termination: ``(clip(coverage / 0.95, 0, 1), coverage > 0.95)``."""
+    return np.clip(cov / SUCCESS_COVERAGE, 0.0, 1.0), cov > SUCCESS_COVERAGE
 
 
 def initial_state(seed: int | None) -> np.ndarray:
@@ -163,8 +203,7 @@ class PushTEnv(gym.Env):
         _, _, _, _, inner_info = self._inner.step(action)  # 10 PD-controlled physics steps of 0.01 s
         self._n_steps += 1
         coverage = float(inner_info["coverage"])
-        reward = float(np.clip(coverage / SUCCESS_COVERAGE, 0.0, 1.0))
-        terminated = coverage > SUCCESS_COVERAGE
+        reward, terminated = (x.item() for x in reward_from_coverage(np.asarray(coverage)))
         truncated = self._n_steps >= self.max_steps
         return (
             self._get_obs(),

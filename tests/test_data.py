@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from data.normalizer import LinearNormalizer
-from data.pusht import load_pusht, make_pusht_datasets, resolve_pusht_path
+from data.pusht import load_pusht, make_pusht_datasets, next_step_index, resolve_pusht_path
 from data.replay_buffer import ReplayBuffer
 from data.sequence import SequenceDataset, split_episodes, window_indices
 
@@ -66,6 +66,50 @@ def test_sequence_dataset_batch_layout():
     assert item["action"].shape == (4, 2) and item["obs"]["state"].shape == (2, 3)
     stats = ds.normalizer_data()
     assert set(stats) == {"state", "action"} and len(stats["action"]) == n
+
+
+def test_sequence_dataset_transitions():
+    # Two episodes of 4 and 6 steps; obs = action = reward = step index, so every gathered value names its step.
+    n, To, Ta, H = 10, 2, 2, 4
+    steps = np.arange(n, dtype=np.float32)
+    terminal = np.zeros(n, np.float32)
+    terminal[8] = 1.0
+    kwargs = dict(horizon=H, n_obs_steps=To, n_action_steps=Ta)
+    plain = SequenceDataset({"state": steps[:, None]}, steps[:, None], np.array([4, 10]), **kwargs)
+    ds = SequenceDataset(
+        {"state": steps[:, None]}, steps[:, None], np.array([4, 10]), reward=steps, terminal=terminal, **kwargs
+    )
+    # The same windows as without transitions.
+    assert torch.equal(ds.indices[:, :H], plain.indices)
+    b = ds.get_batch(torch.arange(len(ds)))
+    assert set(b) == {"obs", "action", "reward", "terminal", "next_obs"}
+    # First window of episode 0: obs steps [0, 0] (padded), executed actions are steps 0, 1 (chunk[To-1:To-1+Ta]),
+    # next obs window ends after them: [1, 2].
+    np.testing.assert_array_equal(b["obs"]["state"][0, :, 0], [0, 0])
+    np.testing.assert_array_equal(b["reward"][0], [0, 1])
+    np.testing.assert_array_equal(b["next_obs"]["state"][0, :, 0], [1, 2])
+    # Last window of episode 0 (starts at step 1: obs [1, 2]) executes steps 2, 3; its next window would be [3, 4]
+    # and is clamped to the episode's last step, never crossing into episode 1.
+    np.testing.assert_array_equal(b["obs"]["state"][2, :, 0], [1, 2])
+    np.testing.assert_array_equal(b["reward"][2], [2, 3])
+    np.testing.assert_array_equal(b["next_obs"]["state"][2, :, 0], [3, 3])
+    np.testing.assert_array_equal(b["obs"]["state"][3, :, 0], [4, 4])  # window 3 is episode 1's first
+    # Terminal flags travel with the executed steps.
+    hit = b["reward"] == 8
+    assert torch.equal(b["terminal"][hit], torch.ones(int(hit.sum())))
+    assert b["terminal"][~hit].sum() == 0
+    item = ds[1]
+    assert item["reward"].shape == (Ta,) and item["next_obs"]["state"].shape == (To, 1)
+    with pytest.raises(ValueError, match="reward and terminal must be given together"):
+        SequenceDataset({"state": steps[:, None]}, steps[:, None], np.array([10]), reward=steps, **kwargs)
+    with pytest.raises(ValueError, match=r"must have shape \[10\]"):
+        SequenceDataset(
+            {"state": steps[:, None]}, steps[:, None], np.array([10]), reward=steps[:5], terminal=terminal[:5], **kwargs
+        )
+
+
+def test_next_step_index_stays_in_episode():
+    np.testing.assert_array_equal(next_step_index(np.array([3, 5])), [1, 2, 2, 4, 4])
 
 
 def test_normalizer_round_trip_and_identity():
@@ -133,7 +177,7 @@ def test_load_shared_pusht_zarr_v2(pusht_path):
 
 
 def test_pusht_state_obs_layout(pusht_path):
-    obs, action, ends = load_pusht(pusht_path, "state")
+    obs, action, ends, sim_state = load_pusht(pusht_path, "state")
     import zarr
 
     g = zarr.open_group(str(pusht_path), mode="r")

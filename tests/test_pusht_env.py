@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 from data.pusht import resolve_pusht_path
-from envs.pusht import BLOCK_KEYPOINTS_LOCAL, PushTEnv, block_keypoints, initial_state
+from envs.pusht import BLOCK_KEYPOINTS_LOCAL, PushTEnv, block_keypoints, coverage, initial_state, reward_from_coverage
 
 BLOCK_COG = np.array([0.0, 45.0])  # centre of gravity of gym-pusht's T in the block frame
 # Diffusion Policy's initial state for test seed 100000 (RandomState recipe), written out as a golden value.
@@ -167,3 +167,22 @@ def test_truncates_at_max_steps() -> None:
     env.reset(seed=100000)
     flags = [env.step(np.array([50.0, 450.0]))[2:4] for _ in range(3)]
     assert flags == [(False, False), (False, False), (False, True)]
+
+
+def test_vectorised_coverage_matches_the_simulator(demos: dict[str, np.ndarray]) -> None:
+    # Offline RL rewards the recorded states with this function; it must equal gym-pusht's own shapely computation.
+    env = PushTEnv()
+    states = demos["state"][:: len(demos["state"]) // 40][:40]
+    expected = []
+    for state in states:
+        env.reset(options={"reset_to_state": state, "legacy": False})
+        expected.append(env._inner._get_coverage())
+    got = coverage(states)
+    np.testing.assert_allclose(got, expected, atol=1e-9)
+    assert coverage(np.array([0.0, 0.0, 256.0, 256.0, np.pi / 4])) == pytest.approx(1.0)
+    assert coverage(np.array([0.0, 0.0, 60.0, 60.0, 0.0])) == 0.0
+    reward, terminal = reward_from_coverage(np.array([0.0, 0.5, 0.95, 0.96]))
+    np.testing.assert_allclose(reward, [0.0, 0.5 / 0.95, 1.0, 1.0])
+    np.testing.assert_array_equal(terminal, [False, False, False, True])
+    with pytest.raises(ValueError, match=r"state must have shape \[\.\.\., 5\]"):
+        coverage(np.zeros(4))
