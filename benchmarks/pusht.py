@@ -1,16 +1,19 @@
-"""Push-T benchmark: train Diffusion Policy (state) for a wall-clock budget, evaluate on the 50 test seeds.
+"""Push-T benchmark: train one policy (state observations) for a wall-clock budget, evaluate on the 50 test seeds.
 
-Writes a JSON with score, success rate, training samples/s, peak memory and per-chunk inference latency at
-batch 1 for DDPM-100, DDIM-10, DDIM-4 and DDIM-2. Run it on an otherwise idle machine (2 cores here: a second
-job using both cores slows each of them several times).
+Writes a JSON with score, success rate, training samples/s, peak memory, denoiser passes per executed action (through
+the policy's own executor, over a 300-step episode) and per-chunk inference latency at batch 1 (for Diffusion Policy
+also DDPM-100, DDIM-10, DDIM-4, DDIM-2). Run it on an otherwise idle machine (2 cores here: a second job using both
+cores slows each of them several times). `benchmarks/policy_table.py` runs it for every policy.
 
     python benchmarks/pusht.py --budget-min 30 --out bench_results/pusht_206.json
     python benchmarks/pusht.py --budget-min 30 --max-train-episodes 90 --out bench_results/pusht_90.json
+    python benchmarks/pusht.py --policy streaming --budget-min 6 --out bench_results/table/streaming.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import platform
@@ -19,36 +22,101 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from cli.main import cmd_train
+from cli.main import cmd_train, compose
+from envs.executor import make_executor
+from envs.tasks import TaskConfig, make_task
 from policies.checkpoint import load_policy
+from policies.registry import make_policy
 from policies.train import available_cores
 
-LATENCY_SETTINGS = {"DDPM-100": ("ddpm", 100), "DDIM-10": ("ddim", 10), "DDIM-4": ("ddim", 4), "DDIM-2": ("ddim", 2)}
+# Diffusion Policy's sampler settings (checkpoint overrides) timed besides the policy's own default.
+DDPM_SETTINGS = {"DDPM-100": ("ddpm", 100), "DDIM-10": ("ddim", 10), "DDIM-4": ("ddim", 4), "DDIM-2": ("ddim", 2)}
 
 
-def chunk_latency_ms(checkpoint: Path, sampler: str, steps: int, repeats: int = 30) -> dict:
-    """Median and p90 wall time of one ``predict_action_chunk`` call at batch 1."""
-    policy = load_policy(checkpoint, sampler=sampler, num_inference_steps=steps)
+def _obs(policy, batch: int = 1) -> dict[str, torch.Tensor]:
     c = policy.config
-    obs = {k: torch.rand(1, c.n_obs_steps, *shape) * 100 for k, shape in policy.shape_meta["obs"].items()}
+    return {k: torch.rand(batch, c.n_obs_steps, *shape) * 100 for k, shape in policy.shape_meta["obs"].items()}
+
+
+def latency_ms(fn, repeats: int = 30) -> dict:
+    """Median and p90 wall time (ms) of ``fn()`` after 3 warm-up calls."""
     for _ in range(3):
-        policy.predict_action_chunk(obs)
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        policy.predict_action_chunk(obs)
+        fn()
         times.append((time.perf_counter() - t0) * 1000)
     times.sort()
     return {"median_ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))]}
 
 
+def inference_figures(checkpoint: Path) -> dict:
+    """Batch-1 latency of one chunk query and denoiser passes per executed action over a 300-step episode."""
+    policy = load_policy(checkpoint)
+    obs = _obs(policy)
+    figures: dict = {"chunk_latency_batch1": latency_ms(lambda: policy.predict_action_chunk(obs))}
+    stream = getattr(policy, "stream", None)
+    if stream is not None:  # steady-state streaming query: s passes on a warm buffer
+        _, buffer = stream(obs)
+        figures["stream_latency_batch1"] = latency_ms(lambda: stream(obs, buffer))
+    # Denoiser passes = calls of the policy's network (`policy.model`; critics and image encoders are not counted).
+    # MoDE's expert cache runs fused layers outside `forward`; the number of passes is the same without it.
+    if "expert_cache" in {f.name for f in dataclasses.fields(policy.config)}:
+        policy = load_policy(checkpoint, expert_cache=False)
+    passes = 0
+
+    def count(*_) -> None:
+        nonlocal passes
+        passes += 1
+
+    policy.model.register_forward_hook(count)
+    kind = getattr(policy, "default_executor", "chunk")
+    runner = make_executor(kind, policy, policy.config.n_obs_steps, policy.config.n_action_steps)
+    runner.reset(1)
+    steps = 300  # Push-T's episode limit
+    rng = np.random.default_rng(0)
+    shapes = policy.shape_meta["obs"]
+    for _ in range(steps):
+        runner.act({k: rng.random((1, *shape), dtype=np.float32) * 100 for k, shape in shapes.items()})
+    figures.update(executor=kind, denoiser_passes_per_action=passes / steps, denoiser_passes_per_episode=passes)
+    return figures
+
+
+def calibrate_step_time(overrides: list[str], batch_size: int, n: int = 6) -> float:
+    """Seconds per training step (loss, backward, AdamW) of the configured policy at ``batch_size``, so that the
+    cosine schedule's length matches the budget for every policy."""
+    cfg = compose("train", overrides).policy
+    task = make_task(TaskConfig(name="pusht_state"))
+    train_set, _ = task.datasets(cfg.horizon, cfg.n_obs_steps, cfg.n_action_steps, cfg.needs_transitions)
+    policy = make_policy(cfg, task.shape_meta)
+    policy.fit_normalizer(train_set.normalizer_data())
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
+    batches = train_set.iterate(batch_size, torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(n + 2):
+        batch = next(batches)
+        t0 = time.perf_counter()
+        loss, _ = policy.compute_loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        policy.after_optimizer_step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", default="diffusion_unet", help="registered policy name")
     parser.add_argument("--budget-min", type=float, default=30.0, help="training wall-clock budget (minutes)")
     parser.add_argument("--steps", type=int, default=0, help="schedule length; 0 = estimate from --budget-min")
-    parser.add_argument("--step-time-s", type=float, default=0.55, help="step time used to estimate --steps")
+    parser.add_argument(
+        "--step-time-s", type=float, default=0.0, help="step time used to estimate --steps; 0 = measure it"
+    )
     parser.add_argument("--max-train-episodes", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--eval-episodes", type=int, default=50)
@@ -58,12 +126,16 @@ def main() -> None:
     args = parser.parse_args()
 
     budget_s = args.budget_min * 60
-    steps = args.steps or int(budget_s / args.step_time_s)
+    torch.set_num_threads(available_cores())
+    step_time = args.step_time_s or calibrate_step_time(
+        ["task=pusht_state", f"policy={args.policy}", *args.extra], args.batch_size
+    )
+    steps = args.steps or int(budget_s / step_time)
     stamp = dt.datetime.now()
-    run_dir = args.run_dir or f"runs/bench/{stamp:%Y%m%d_%H%M%S}_pusht_{args.max_train_episodes or 'all'}"
+    run_dir = args.run_dir or f"runs/bench/{stamp:%Y%m%d_%H%M%S}_{args.policy}_{args.max_train_episodes or 'all'}"
     overrides = [
         "task=pusht_state",
-        "policy=diffusion_unet",
+        f"policy={args.policy}",
         f"train.steps={steps}",
         f"train.max_time_s={budget_s}",
         f"train.batch_size={args.batch_size}",
@@ -80,7 +152,14 @@ def main() -> None:
     summary = cmd_train(overrides)
     metrics = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     rates = [m["train/samples_per_s"] for m in metrics if "train/samples_per_s" in m][1:]  # first has warm-up
-    latency = {name: chunk_latency_ms(Path(summary["latest"]), *setting) for name, setting in LATENCY_SETTINGS.items()}
+    latest = Path(summary["latest"])
+    inference = inference_figures(latest)
+    if args.policy == "diffusion_unet":
+        inference["sampler_latency_batch1"] = {}
+        for name, (sampler, n) in DDPM_SETTINGS.items():
+            policy = load_policy(latest, sampler=sampler, num_inference_steps=n)
+            obs = _obs(policy)
+            inference["sampler_latency_batch1"][name] = latency_ms(lambda p=policy, o=obs: p.predict_action_chunk(o))
     result = {
         "date": stamp.isoformat(timespec="seconds"),
         "machine": {
@@ -96,6 +175,8 @@ def main() -> None:
             if v not in (None, [], 0)
         ),
         "train_overrides": overrides,
+        "policy": args.policy,
+        "calibrated_step_time_s": step_time,
         "max_train_episodes": args.max_train_episodes,
         "budget_min": args.budget_min,
         "steps_done": summary["step"],
@@ -105,7 +186,7 @@ def main() -> None:
         "success_rate": summary.get("success_rate"),
         "n_episodes": summary.get("n_episodes"),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "latency_batch1": latency,
+        **inference,
         "checkpoint": summary["latest"],
     }
     out = Path(args.out)

@@ -40,6 +40,8 @@ class EvalRunConfig:
     sampler: str | None = None
     num_inference_steps: int | None = None
     n_action_steps: int | None = None
+    executor: str | None = None  # "chunk" or "streaming"; default: the policy's own (streaming for Streaming DP)
+    temporal_ensemble: float | None = None  # ACT's exponential weight k (chunk executor, queried every step)
     output_dir: str | None = None  # default: <checkpoint>/eval
     video: bool = True
     device: str = "cpu"

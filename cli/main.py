@@ -138,7 +138,7 @@ def cmd_train(overrides: Sequence[str]) -> dict:
     seed_everything(cfg.train.seed)
     task = make_task(cfg.task)
     p = cfg.policy
-    train_set, val_set = task.datasets(p.horizon, p.n_obs_steps, p.n_action_steps)
+    train_set, val_set = task.datasets(p.horizon, p.n_obs_steps, p.n_action_steps, p.needs_transitions)
     policy = make_policy(p, task.shape_meta)
     policy.fit_normalizer(train_set.normalizer_data())
     video_dir = run_dir / "videos"
@@ -222,6 +222,8 @@ def cmd_eval(overrides: Sequence[str]) -> dict:
         n_episodes=cfg.n_episodes,
         video_path=out / "rollout.mp4" if cfg.video else None,
         device=cfg.device,
+        executor=cfg.executor,
+        temporal_ensemble=cfg.temporal_ensemble,
     )
     record = {"checkpoint": str(ckpt), **result.to_dict()}
     (out / "eval.json").write_text(json.dumps(record, indent=2))
@@ -234,10 +236,11 @@ def cmd_eval(overrides: Sequence[str]) -> dict:
 
 
 def cmd_list(_: Sequence[str]) -> dict:
+    from envs.executor import EXECUTORS
     from envs.tasks import task_names
     from policies.registry import policy_names
 
-    listing = {"tasks": task_names(), "policies": policy_names()}
+    listing = {"tasks": task_names(), "policies": policy_names(), "executors": list(EXECUTORS)}
     for kind, names in listing.items():
         print(f"{kind}:\n" + "".join(f"  {n}\n" for n in names), end="")
     return listing

@@ -21,7 +21,7 @@ import torch
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 from tqdm import tqdm
 
-from envs.executor import ChunkExecutor, ChunkPolicy, check_int
+from envs.executor import ChunkPolicy, check_int, make_executor
 from envs.pusht import OBS_MODES, PushTEnv
 
 VIDEO_FPS = 10  # the control rate, so videos play in real time
@@ -75,12 +75,16 @@ def evaluate(
     n_obs_steps: int,
     n_action_steps: int,
     temporal_ensemble: float | None = None,
+    executor: str | None = None,
     video_path: str | Path | None = None,
     n_video_episodes: int = 1,
     progress: bool = True,
     device: str | torch.device = "cpu",
 ) -> EvalResult:
-    """Roll out `policy` on the Push-T test seeds and score it; videos show the first episodes."""
+    """Roll out `policy` on the Push-T test seeds and score it; videos show the first episodes.
+
+    `executor`: "chunk" or "streaming" (see `envs.executor.make_executor`); None takes the policy's
+    `default_executor` attribute if it has one (Streaming DP: "streaming"), else "chunk"."""
     if obs_mode not in OBS_MODES:
         raise ValueError(f"obs_mode must be one of {OBS_MODES}, got {obs_mode!r}")
     check_int("n_episodes", n_episodes, 1)
@@ -90,7 +94,8 @@ def evaluate(
     n_envs = _default_n_envs(n_episodes) if n_envs is None else n_envs
     check_int("n_envs", n_envs, 1)
     n_envs = min(n_envs, n_episodes)
-    executor = ChunkExecutor(policy, n_obs_steps, n_action_steps, temporal_ensemble=temporal_ensemble, device=device)
+    kind = executor if executor is not None else getattr(policy, "default_executor", "chunk")
+    runner = make_executor(kind, policy, n_obs_steps, n_action_steps, temporal_ensemble, device)
 
     start = time.perf_counter()
     seeds = list(range(seed_start, seed_start + n_episodes))
@@ -109,12 +114,12 @@ def evaluate(
             # "done" and are ignored.
             round_seeds = [seeds[i] for i in ep] + [seeds[ep[-1]]] * (n_envs - n)
             obs, _ = envs.reset(seed=round_seeds)
-            executor.reset(n_envs)
+            runner.reset(n_envs)
             done = np.arange(n_envs) >= n
             record = [i for i in range(n) if ep[i] < n_video]
             _record_frames(envs, record, ep, frames)
             while not done.all():
-                obs, reward, terminated, truncated, _ = envs.step(executor.act(obs))
+                obs, reward, terminated, truncated, _ = envs.step(runner.act(obs))
                 live = np.flatnonzero(~done)
                 max_rewards[ep[live]] = np.maximum(max_rewards[ep[live]], reward[live])
                 successes[ep[live]] |= terminated[live]

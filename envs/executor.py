@@ -23,6 +23,12 @@ class ChunkPolicy(Protocol):
     def predict_action_chunk(self, obs: dict[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
+class StreamingPolicy(Protocol):
+    def stream(
+        self, obs: dict[str, torch.Tensor], buffer: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 def check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -109,14 +115,20 @@ class ChunkExecutor:
             else:
                 self._history[key].append(value)
 
-    def _predict(self) -> np.ndarray:
-        """Query the policy on the history; returns the executable actions [B, Ta, Da]."""
-        obs = {
+    def _obs_window(self) -> dict[str, torch.Tensor]:
+        return {
             key: torch.as_tensor(np.stack(frames, axis=1), dtype=torch.float32, device=self.device)
             for key, frames in self._history.items()
         }  # key -> [B, To, ...]
+
+    def _query(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The policy's chunk ``[B, H, Da]`` for the observation window."""
+        return self.policy.predict_action_chunk(obs)
+
+    def _predict(self) -> np.ndarray:
+        """Query the policy on the history; returns the executable actions [B, Ta, Da]."""
         with torch.no_grad():
-            chunk = self.policy.predict_action_chunk(obs)
+            chunk = self._query(self._obs_window())
         chunk = chunk.detach().to("cpu", torch.float32).numpy()
         end = self.action_offset + self.n_action_steps
         if chunk.ndim != 3 or chunk.shape[0] != self.batch_size or chunk.shape[1] < end:
@@ -135,3 +147,53 @@ class ChunkExecutor:
         preds = np.stack([chunk[:, self._t - s] for s, chunk in self._chunks])  # [N, B, Da], oldest first
         weights = np.exp(-self.temporal_ensemble * np.arange(len(preds)))  # ACT: w_i = exp(-k i), i=0 oldest
         return np.einsum("n,nbd->bd", weights / weights.sum(), preds).astype(preds.dtype)
+
+
+class StreamingExecutor(ChunkExecutor):
+    """Streaming Diffusion Policy's rolling buffer (``policies.streaming``): every ``n_action_steps`` steps the
+    policy takes the latest observations and the buffer it returned last time, runs a few denoiser passes that make
+    the buffer's first chunk clean, and the executor runs that chunk. The buffer (a partly denoised future) is
+    episode state, so it lives here and ``reset`` clears it; the policy stays stateless."""
+
+    def __init__(
+        self,
+        policy: StreamingPolicy,
+        n_obs_steps: int,
+        n_action_steps: int,
+        action_offset: int | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if not callable(getattr(policy, "stream", None)):
+            raise ValueError(
+                f"the streaming executor needs a policy with stream(obs, buffer); got {type(policy).__name__}"
+            )
+        super().__init__(policy, n_obs_steps, n_action_steps, action_offset, None, device)  # type: ignore[arg-type]
+
+    def reset(self, batch_size: int) -> None:
+        super().reset(batch_size)
+        self._buffer: torch.Tensor | None = None
+
+    def _query(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        chunk, self._buffer = self.policy.stream(obs, self._buffer)  # type: ignore[attr-defined]
+        return chunk
+
+
+EXECUTORS = ("chunk", "streaming")
+
+
+def make_executor(
+    kind: str,
+    policy: ChunkPolicy,
+    n_obs_steps: int,
+    n_action_steps: int,
+    temporal_ensemble: float | None = None,
+    device: str | torch.device = "cpu",
+) -> ChunkExecutor:
+    """``kind`` "chunk" (open loop or temporal ensembling) or "streaming" (rolling denoising buffer)."""
+    if kind == "chunk":
+        return ChunkExecutor(policy, n_obs_steps, n_action_steps, temporal_ensemble=temporal_ensemble, device=device)
+    if kind == "streaming":
+        if temporal_ensemble is not None:
+            raise ValueError("temporal_ensemble applies to the chunk executor, not to executor='streaming'")
+        return StreamingExecutor(policy, n_obs_steps, n_action_steps, device=device)  # type: ignore[arg-type]
+    raise ValueError(f"executor must be one of {EXECUTORS}, got {kind!r}")

@@ -23,14 +23,25 @@ class PolicyConfig:
     """Fields every chunk policy has. Subclasses add their own and validate in ``__post_init__``."""
 
     type: ClassVar[str] = ""  # set by @register_policy
+    # Offline-RL objectives (OFQL) read transitions: the task then adds ``next_obs``, ``reward`` and ``terminal``
+    # to every training batch (see ``data.sequence.SequenceDataset``).
+    needs_transitions: ClassVar[bool] = False
     horizon: int = 16
     n_obs_steps: int = 2
     n_action_steps: int = 8
+    # Image observations (used only when the shape meta has [C, H, W] keys): one ResNet-18 (GroupNorm) +
+    # spatial-softmax encoder per camera, or one shared by every camera; random crop to ``crop_shape`` in
+    # training, centre crop at evaluation (Diffusion Policy's image setting: 84x84 crops of 96x96 frames).
+    crop_shape: list[int] | None = dataclasses.field(default_factory=lambda: [84, 84])
+    vision_keypoints: int = 32
+    share_vision_encoder: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("horizon", "n_obs_steps", "n_action_steps"):
+        for name in ("horizon", "n_obs_steps", "n_action_steps", "vision_keypoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.crop_shape is not None and (len(self.crop_shape) != 2 or min(self.crop_shape) < 1):
+            raise ValueError(f"crop_shape must be null or [height, width] >= 1, got {self.crop_shape}")
         if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
             raise ValueError(
                 f"n_obs_steps - 1 + n_action_steps must be <= horizon, got {self.n_obs_steps} - 1 + "
@@ -56,6 +67,25 @@ class Policy(nn.Module, abc.ABC):
         self.image_keys = [k for k, s in self.shape_meta["obs"].items() if len(s) == 3]
         dims = {k: self.shape_meta["obs"][k][0] for k in self.lowdim_keys}
         self.normalizer = LinearNormalizer({**dims, "action": self.action_dim})
+        self.image_encoder: nn.Module | None = None
+        if self.image_keys:
+            from policies.networks.vision import MultiImageEncoder  # only image policies build a ResNet
+
+            self.image_encoder = MultiImageEncoder(
+                {k: self.shape_meta["obs"][k] for k in self.image_keys},
+                crop_shape=config.crop_shape,
+                num_keypoints=config.vision_keypoints,
+                share=config.share_vision_encoder,
+            )
+        self.obs_feature_dim = sum(dims.values()) + (self.image_encoder.out_dim if self.image_encoder else 0)
+
+    def obs_features(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per-step observation features: ``obs {k: [B, To, ...]}`` raw -> ``[B, To, obs_feature_dim]``
+        (normalized low-dimensional keys in shape-meta order, then the image features)."""
+        parts = [self.normalizer.normalize(k, obs[k]) for k in self.lowdim_keys]
+        if self.image_encoder is not None:
+            parts.append(self.image_encoder({k: obs[k] for k in self.image_keys}))
+        return torch.cat(parts, dim=-1)
 
     # -- contract --------------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -65,6 +95,9 @@ class Policy(nn.Module, abc.ABC):
     def predict_action_chunk(
         self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None
     ) -> torch.Tensor: ...
+
+    def after_optimizer_step(self) -> None:
+        """Called by the training loop after every optimizer step (e.g. Polyak-averaged target critics)."""
 
     def fit_normalizer(self, data: Mapping[str, torch.Tensor]) -> None:
         """Fit min-max statistics of low-dimensional observations and actions (images are already [0, 1])."""
@@ -106,6 +139,16 @@ class Policy(nn.Module, abc.ABC):
         want = [batch, self.config.horizon, self.action_dim]
         if list(noise.shape) != want:
             raise ValueError(f"noise has shape {list(noise.shape)}, expected {want}")
+
+    def initial_noise(
+        self, batch: int, noise: torch.Tensor | None, device: torch.device, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """The generative process's initial sample ``[B, H, Da]``: the injected ``noise`` (checked) or a fresh
+        standard normal draw from ``generator``."""
+        if noise is None:
+            return torch.randn((batch, self.config.horizon, self.action_dim), device=device, generator=generator)
+        self.check_noise(noise, batch)
+        return noise.to(device)
 
     @property
     def device(self) -> torch.device:

@@ -270,9 +270,11 @@ class Trainer:
             epoch, pos = epoch + 1, 0
 
     def _to_device(self, batch: Mapping) -> dict:
+        """Every tensor of a (possibly nested) batch to the training device: ``obs``, ``action`` and whatever
+        else a policy's objective reads (e.g. ``reward``, ``next_obs`` for offline RL)."""
         return {
-            "obs": {k: v.to(self.device, non_blocking=True) for k, v in batch["obs"].items()},
-            "action": batch["action"].to(self.device, non_blocking=True),
+            k: self._to_device(v) if isinstance(v, Mapping) else v.to(self.device, non_blocking=True)
+            for k, v in batch.items()
         }
 
     @torch.no_grad()
@@ -311,11 +313,12 @@ class Trainer:
             dynamic_ncols=True,
         )
         t_start, t_log, samples, loss_sum, n_loss = time.perf_counter(), time.perf_counter(), 0, 0.0, 0
+        log_sums: dict[str, float] = {}  # the objective's other logs (e.g. MoDE's load-balancing loss), averaged
         self.policy.train()
         while self.step < cfg.steps:
             batch = self._to_device(next(batches))
             with amp:
-                loss, _ = self.loss_fn(batch)
+                loss, logs = self.loss_fn(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"loss became {loss.item()} at step {self.step}; lower train.lr or check the data"
@@ -324,11 +327,15 @@ class Trainer:
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
             self.optimizer.step()
+            self.policy.after_optimizer_step()
             self.scheduler.step()
             self.step += 1
             self.ema.update(self.policy, self.step)
             samples += cfg.batch_size
             loss_sum, n_loss = loss_sum + loss.item(), n_loss + 1
+            for key, value in logs.items():
+                if key != "loss":
+                    log_sums[key] = log_sums.get(key, 0.0) + float(value)
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 now = time.perf_counter()
@@ -337,10 +344,11 @@ class Trainer:
                     "train/lr": self.scheduler.get_last_lr()[0],
                     "train/grad_norm": float(grad_norm),
                     "train/samples_per_s": samples / (now - t_log),
+                    **{f"train/{key}": total / n_loss for key, total in log_sums.items()},
                 }
                 bar.set_postfix(loss=f"{record['train/loss']:.4f}")
                 self._log(record)
-                t_log, samples, loss_sum, n_loss = now, 0, 0.0, 0
+                t_log, samples, loss_sum, n_loss, log_sums = now, 0, 0.0, 0, {}
             if self.val_set is not None and len(self.val_set) and cfg.val_every and self.step % cfg.val_every == 0:
                 self._log({"val/loss": self.validation_loss()})
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:

@@ -68,9 +68,12 @@ def test_train_resume_eval(tmp_path, pusht_path):
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
 
 
-def test_list_shows_tasks_and_policies():
+def test_list_shows_tasks_policies_and_executors():
     out = robodiff("list").stdout
-    assert "pusht_state" in out and "pusht_image" in out and "diffusion_unet" in out
+    names = {line.strip() for line in out.splitlines()}
+    assert {"pusht_state", "pusht_image", "chunk", "streaming"} <= names
+    family = {"diffusion_unet", "diffusion_transformer", "flow_unet", "mode", "streaming", "meanflow", "ofql"}
+    assert family <= names, family - names
 
 
 @pytest.mark.parametrize(

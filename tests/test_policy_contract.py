@@ -28,10 +28,15 @@ def make(name: str):
 def batch_for(policy, b: int = B) -> dict:
     g = torch.Generator().manual_seed(1)
     c = policy.config
-    return {
+    batch = {
         "obs": {"state": torch.rand(b, c.n_obs_steps, 20, generator=g) * 400 + 50},
         "action": torch.rand(b, c.horizon, 2, generator=g) * 300 + 100,
     }
+    if c.needs_transitions:  # offline RL (OFQL): next observation window, per-step rewards and terminals
+        batch["next_obs"] = {"state": torch.rand(b, c.n_obs_steps, 20, generator=g) * 400 + 50}
+        batch["reward"] = torch.rand(b, c.n_action_steps, generator=g)
+        batch["terminal"] = torch.zeros(b, c.n_action_steps)
+    return batch
 
 
 def noise_for(policy, b: int = B, seed: int = 2) -> torch.Tensor:

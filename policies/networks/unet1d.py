@@ -8,6 +8,10 @@ separately, so cond becomes a sequence [B, T, cond_dim] and FiLM scales and shif
 own level. At a coarser UNet level the cond sequence is subsampled by 2 like the features (the stride-2
 downsampling conv is centred on the even positions). With one level per sample the cond sequence has length 1
 and broadcasts over time, which is exactly the original global FiLM.
+
+Two-time models (MeanFlow, Geng et al. 2025: u(z, r, t)) set ``second_time_embed=True`` and pass
+``timestep2`` (e.g. t - r): a second step encoder of the same form whose embedding is added to the first one.
+With the flag off (the default) the module, its parameter names and its outputs are exactly the one-time UNet.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ class ConditionalUnet1D(nn.Module):
         kernel_size: int = 5,
         n_groups: int = 8,
         cond_predict_scale: bool = True,
+        second_time_embed: bool = False,
     ) -> None:
         super().__init__()
         down_dims, dsed = tuple(down_dims), diffusion_step_embed_dim
@@ -110,9 +115,12 @@ class ConditionalUnet1D(nn.Module):
         self.global_cond_dim = global_cond_dim
         self.horizon_multiple = 2 ** (len(down_dims) - 1)
 
-        self.step_encoder = nn.Sequential(
-            SinusoidalPosEmb(dsed), nn.Linear(dsed, 4 * dsed), nn.Mish(), nn.Linear(4 * dsed, dsed)
-        )
+        def step_encoder() -> nn.Sequential:
+            return nn.Sequential(
+                SinusoidalPosEmb(dsed), nn.Linear(dsed, 4 * dsed), nn.Mish(), nn.Linear(4 * dsed, dsed)
+            )
+
+        self.step_encoder = step_encoder()
         cond_dim = dsed + global_cond_dim
 
         block_args = (cond_dim, kernel_size, n_groups, cond_predict_scale)
@@ -138,8 +146,27 @@ class ConditionalUnet1D(nn.Module):
             conv_block(down_dims[0], down_dims[0], kernel_size, n_groups),
             nn.Conv1d(down_dims[0], input_dim, 1),
         )
+        # Built last so that the other modules draw the same initial weights with or without it.
+        self.step_encoder2 = step_encoder() if second_time_embed else None
 
-    def forward(self, sample: Tensor, timestep: Tensor | int, global_cond: Tensor) -> Tensor:
+    def _levels(self, timestep: Tensor | float, B: int, T: int, device: torch.device, name: str) -> Tensor:
+        """int/float, [B] or [B, T] -> [B, Lc] with Lc in {1, T}."""
+        t = torch.as_tensor(timestep, device=device)
+        if t.ndim == 0:
+            t = t.expand(B)
+        if t.shape == (B,):
+            return t[:, None]  # one level per sample: a length-1 cond sequence, broadcast over time by FiLM
+        if t.shape != (B, T):
+            raise ValueError(f"{name} must be an int, [B] or [B, T] = {(B, T)}, got {tuple(t.shape)}")
+        return t
+
+    def forward(
+        self,
+        sample: Tensor,
+        timestep: Tensor | int,
+        global_cond: Tensor,
+        timestep2: Tensor | float | None = None,
+    ) -> Tensor:
         if sample.ndim != 3 or sample.shape[-1] != self.input_dim:
             raise ValueError(f"sample must be [B, T, {self.input_dim}], got {tuple(sample.shape)}")
         B, T, _ = sample.shape
@@ -150,15 +177,17 @@ class ConditionalUnet1D(nn.Module):
                 f"global_cond must be [B, {self.global_cond_dim}] = {(B, self.global_cond_dim)}, "
                 f"got {tuple(global_cond.shape)}"
             )
-        t = torch.as_tensor(timestep, device=sample.device)
-        if t.ndim == 0:
-            t = t.expand(B)
-        if t.shape == (B,):
-            t = t[:, None]  # one level per sample: a length-1 cond sequence, broadcast over time by FiLM
-        elif t.shape != (B, T):
-            raise ValueError(f"timestep must be an int, [B] or [B, T] = {(B, T)}, got {tuple(t.shape)}")
-
-        step_emb = self.step_encoder(t)  # [B, Lc, dsed], Lc in {1, T}
+        t = self._levels(timestep, B, T, sample.device, "timestep")
+        if (timestep2 is None) != (self.step_encoder2 is None):
+            raise ValueError(
+                "timestep2 must be given exactly when the UNet was built with second_time_embed=True "
+                f"(second_time_embed={self.step_encoder2 is not None}, timestep2 given: {timestep2 is not None})"
+            )
+        if self.step_encoder2 is None:
+            step_emb = self.step_encoder(t)  # [B, Lc, dsed], Lc in {1, T}
+        else:
+            t, t2 = torch.broadcast_tensors(t, self._levels(timestep2, B, T, sample.device, "timestep2"))
+            step_emb = self.step_encoder(t) + self.step_encoder2(t2)
         cond = torch.cat([step_emb, global_cond[:, None].expand(-1, t.shape[1], -1)], dim=-1)  # [B, Lc, cond]
         x = rearrange(sample, "b t d -> b d t")  # [B, input_dim, T]
 

@@ -1,0 +1,108 @@
+"""Push-T policy table: every registered policy trained for the same wall-clock budget on state observations, then
+scored on the 50 test seeds, one after another (each in its own process, on an otherwise idle machine).
+
+    python benchmarks/policy_table.py --budget-min 6 --out-dir bench_results/table
+
+Runs ``benchmarks/pusht.py --policy <name>`` per policy (skipping those whose JSON already exists in --out-dir, so an
+interrupted table resumes), then prints a Markdown table and writes ``table.json`` with ratios against Diffusion
+Policy-UNet (DDIM-10): score difference, latency speed-up per chunk and denoiser passes per executed action.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import policies  # noqa: F401  (registers every policy)
+from policies.registry import policy_names
+
+REFERENCE = "diffusion_unet"
+
+
+def run(name: str, args: argparse.Namespace, out: Path) -> None:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).with_name("pusht.py")),
+        "--policy",
+        name,
+        "--budget-min",
+        str(args.budget_min),
+        "--eval-episodes",
+        str(args.eval_episodes),
+        "--batch-size",
+        str(args.batch_size),
+        "--run-dir",
+        str(Path(args.run_root) / name),
+        "--out",
+        str(out),
+    ]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def table(results: dict[str, dict]) -> tuple[str, dict]:
+    ref = results.get(REFERENCE)
+    rows, summary = [], {}
+    header = (
+        "| policy | steps | samples/s | score | success | score - DP | passes / action | passes vs DP | "
+        "chunk latency b1 (ms) | speed-up vs DP DDIM-10 |"
+    )
+    rows += [header, "|" + "---|" * (header.count("|") - 1)]
+    for name, r in results.items():
+        lat = r["chunk_latency_batch1"]["median_ms"]
+        if "stream_latency_batch1" in r:  # steady-state streaming query (the rolling buffer's few passes)
+            lat = r["stream_latency_batch1"]["median_ms"]
+        entry = {
+            "score": r["score"],
+            "success_rate": r["success_rate"],
+            "steps": r["steps_done"],
+            "samples_per_s": r["train_samples_per_s"],
+            "passes_per_action": r["denoiser_passes_per_action"],
+            "latency_ms": lat,
+        }
+        if ref is not None:
+            ref_lat = ref["chunk_latency_batch1"]["median_ms"]
+            entry.update(
+                score_minus_dp=r["score"] - ref["score"],
+                passes_reduction=ref["denoiser_passes_per_action"] / r["denoiser_passes_per_action"],
+                speedup=ref_lat / lat,
+            )
+        summary[name] = entry
+        rows.append(
+            f"| {name} | {entry['steps']} | {entry['samples_per_s'] or float('nan'):.0f} | {entry['score']:.3f} | "
+            f"{entry['success_rate']:.0%} | {entry.get('score_minus_dp', float('nan')):+.3f} | "
+            f"{entry['passes_per_action']:.2f} | {entry.get('passes_reduction', float('nan')):.1f}x | {lat:.1f} | "
+            f"{entry.get('speedup', float('nan')):.1f}x |"
+        )
+    return "\n".join(rows), summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget-min", type=float, default=6.0)
+    parser.add_argument("--eval-episodes", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--policies", nargs="*", default=None, help=f"default: all ({', '.join(policy_names())})")
+    parser.add_argument("--out-dir", default="bench_results/table")
+    parser.add_argument("--run-root", default="runs/bench/table")
+    args = parser.parse_args()
+    names = args.policies or [REFERENCE] + [n for n in policy_names() if n != REFERENCE]
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in names:
+        out = out_dir / f"{name}.json"
+        if not out.exists():
+            run(name, args, out)
+        results[name] = json.loads(out.read_text())
+    text, summary = table(results)
+    (out_dir / "table.json").write_text(json.dumps({"budget_min": args.budget_min, "rows": summary}, indent=2))
+    (out_dir / "table.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
