@@ -6,17 +6,26 @@ scored on the 50 test seeds, one after another (each in its own process, on an o
 Runs ``benchmarks/pusht.py --policy <name>`` per policy (skipping those whose JSON already exists in --out-dir, so an
 interrupted table resumes), then prints a Markdown table and writes ``table.json`` with ratios against Diffusion
 Policy-UNet (DDIM-10): score difference, latency speed-up per chunk and denoiser passes per executed action.
+
+Latencies in the table are re-measured at the end in one process, interleaved (each round times every policy in turn,
+batch 1, 2 threads), so that their ratios are not skewed by the load on a shared machine at the different times each
+policy's own run measured it (those per-run figures stay in each policy's JSON).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import torch
+
 import policies  # noqa: F401  (registers every policy)
+from policies.checkpoint import load_policy
 from policies.registry import policy_names
 
 REFERENCE = "diffusion_unet"
@@ -43,7 +52,33 @@ def run(name: str, args: argparse.Namespace, out: Path) -> None:
     subprocess.run(cmd, check=True)
 
 
-def table(results: dict[str, dict]) -> tuple[str, dict]:
+def interleaved_latency(checkpoints: dict[str, Path], rounds: int = 15, repeats: int = 10) -> dict[str, float]:
+    """Median batch-1 latency (ms) of one action query per policy: a full chunk, or for a streaming policy one
+    steady-state step of its rolling buffer. Every round times each policy ``repeats`` times in turn."""
+    torch.set_num_threads(2)
+    calls = {}
+    for name, path in checkpoints.items():
+        policy = load_policy(path)
+        c = policy.config
+        obs = {k: torch.rand(1, c.n_obs_steps, *shape) * 100 for k, shape in policy.shape_meta["obs"].items()}
+        if hasattr(policy, "stream"):
+            _, buffer = policy.stream(obs)
+            calls[name] = lambda p=policy, o=obs, b=buffer: p.stream(o, b)
+        else:
+            calls[name] = lambda p=policy, o=obs: p.predict_action_chunk(o)
+        for _ in range(3):  # warm-up
+            calls[name]()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def table(results: dict[str, dict], latency: dict[str, float] | None = None) -> tuple[str, dict]:
     ref = results.get(REFERENCE)
     rows, summary = [], {}
     header = (
@@ -52,9 +87,12 @@ def table(results: dict[str, dict]) -> tuple[str, dict]:
     )
     rows += [header, "|" + "---|" * (header.count("|") - 1)]
     for name, r in results.items():
-        lat = r["chunk_latency_batch1"]["median_ms"]
-        if "stream_latency_batch1" in r:  # steady-state streaming query (the rolling buffer's few passes)
-            lat = r["stream_latency_batch1"]["median_ms"]
+        if latency is not None:
+            lat = latency[name]
+        else:
+            lat = r["chunk_latency_batch1"]["median_ms"]
+            if "stream_latency_batch1" in r:  # steady-state streaming query (the rolling buffer's few passes)
+                lat = r["stream_latency_batch1"]["median_ms"]
         entry = {
             "score": r["score"],
             "success_rate": r["success_rate"],
@@ -64,7 +102,7 @@ def table(results: dict[str, dict]) -> tuple[str, dict]:
             "latency_ms": lat,
         }
         if ref is not None:
-            ref_lat = ref["chunk_latency_batch1"]["median_ms"]
+            ref_lat = latency[REFERENCE] if latency is not None else ref["chunk_latency_batch1"]["median_ms"]
             entry.update(
                 score_minus_dp=r["score"] - ref["score"],
                 passes_reduction=ref["denoiser_passes_per_action"] / r["denoiser_passes_per_action"],
@@ -88,6 +126,7 @@ def main() -> None:
     parser.add_argument("--policies", nargs="*", default=None, help=f"default: all ({', '.join(policy_names())})")
     parser.add_argument("--out-dir", default="bench_results/table")
     parser.add_argument("--run-root", default="runs/bench/table")
+    parser.add_argument("--no-latency", action="store_true", help="use each run's own latency figures")
     args = parser.parse_args()
     names = args.policies or [REFERENCE] + [n for n in policy_names() if n != REFERENCE]
     out_dir = Path(args.out_dir)
@@ -98,8 +137,13 @@ def main() -> None:
         if not out.exists():
             run(name, args, out)
         results[name] = json.loads(out.read_text())
-    text, summary = table(results)
-    (out_dir / "table.json").write_text(json.dumps({"budget_min": args.budget_min, "rows": summary}, indent=2))
+    latency = None
+    if not args.no_latency:
+        checkpoints = {name: Path(args.run_root) / name / "checkpoints" / "latest" for name in results}
+        latency = interleaved_latency(checkpoints)
+    text, summary = table(results, latency)
+    meta = {"budget_min": args.budget_min, "latency": "interleaved, one process" if latency else "per-run"}
+    (out_dir / "table.json").write_text(json.dumps({**meta, "rows": summary}, indent=2))
     (out_dir / "table.md").write_text(text + "\n")
     print(text)
 
