@@ -8,6 +8,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from deploy.loop import LoopConfig
 from envs.tasks import TaskConfig
 from policies.registry import config_class, policy_names
 from policies.train import TrainLoopConfig
@@ -40,8 +41,14 @@ class EvalRunConfig:
     sampler: str | None = None
     num_inference_steps: int | None = None
     n_action_steps: int | None = None
-    executor: str | None = None  # "chunk" or "streaming"; default: the policy's own (streaming for Streaming DP)
-    temporal_ensemble: float | None = None  # ACT's exponential weight k (chunk executor, queried every step)
+    executor: str | None = None  # one of envs.executor.EXECUTORS; default: the policy's own (Streaming DP: streaming)
+    temporal_ensemble: float | None = None  # ACT's exponential weight k (chunk/ensemble executor, queried every step)
+    # Executor options (make_executor validates them per kind); None = the executor's default.
+    rti_steps: int | None = None  # rti: denoiser passes per refinement (default 3)
+    rti_start: float | None = None  # rti: warm-start noise level in (0, 1] (default 0.3)
+    rti_every: int | None = None  # rti: refine every k control steps (default 1)
+    discrete_dims: list[int] | None = None  # action dims snapped at execution to the nearest of snap_values
+    snap_values: list[float] | None = None
     output_dir: str | None = None  # default: <checkpoint>/eval
     video: bool = True
     device: str = "cpu"
@@ -51,10 +58,76 @@ class EvalRunConfig:
             raise ValueError(f"n_episodes must be >= 1, got {self.n_episodes}")
 
 
+EXECUTOR_OPTIONS = ("rti_steps", "rti_start", "rti_every", "discrete_dims", "snap_values")
+
+
+def executor_options(cfg: Any) -> dict[str, Any]:
+    """The executor options set on the command line (eval or deploy)."""
+    return {k: getattr(cfg, k) for k in EXECUTOR_OPTIONS if getattr(cfg, k) is not None}
+
+
+# The loop's own dataclass minus `limits` (a union-typed object Hydra cannot hold; the robot config supplies it):
+# generated from deploy.loop.LoopConfig so that the CLI never restates its fields and defaults.
+LoopSettings = dataclasses.make_dataclass(
+    "LoopSettings",
+    [
+        (f.name, f.type, dataclasses.field(default=f.default))
+        for f in dataclasses.fields(LoopConfig)
+        if f.name != "limits"
+    ],
+)
+
+
+@dataclasses.dataclass
+class SimPushTRobotConfig:
+    """The simulated Push-T robot (deploy.sim_pusht), run in real time in its own process."""
+
+    physics_hz: float = 100.0
+    max_velocity: float = 1500.0  # px/s bound on the commanded target (the loop's velocity limit)
+
+
+@dataclasses.dataclass
+class DeployRunConfig:
+    checkpoint: str = MISSING
+    robot: Any = MISSING  # configs/robot/<name>.yaml: sim_pusht or ros2
+    executor: str | None = None  # chunk, ensemble, rti, streaming (sync) or async; default: the policy's own
+    loop: Any = dataclasses.field(default_factory=lambda: LoopSettings())
+    # Inference overrides, validated against the checkpoint's config.
+    sampler: str | None = None
+    num_inference_steps: int | None = None
+    temporal_ensemble: float | None = None
+    rti_steps: int | None = None
+    rti_start: float | None = None
+    rti_every: int | None = None
+    discrete_dims: list[int] | None = None
+    snap_values: list[float] | None = None
+    torch_threads: int = 1  # of the inference process
+    # sim_pusht: episodes on the test seeds; ros2: one run of max_duration_s.
+    n_episodes: int = 1
+    seed_start: int = 100000
+    max_duration_s: float = 30.0  # Push-T: 300 steps at 10 Hz
+    output_dir: str | None = None  # default: <checkpoint>/deploy
+    video: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_episodes < 1:
+            raise ValueError(f"n_episodes must be >= 1, got {self.n_episodes}")
+        if not self.max_duration_s > 0:
+            raise ValueError(f"max_duration_s must be > 0, got {self.max_duration_s}")
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainRunConfig)
     cs.store(name="eval_schema", node=EvalRunConfig)
+    cs.store(name="deploy_schema", node=DeployRunConfig)
+    cs.store(group="robot", name="sim_pusht_robot_schema", node=SimPushTRobotConfig)
+    try:  # the ROS 2 robot needs the `ros2` extra (cyclonedds) only when it is used
+        from deploy.ros2.robot import Ros2RobotConfig
+    except ImportError:
+        pass
+    else:
+        cs.store(group="robot", name="ros2_robot_schema", node=Ros2RobotConfig)
     cs.store(group="task", name="task_schema", node=TaskConfig)
     cs.store(group="train", name="train_loop_schema", node=TrainLoopConfig)
     for name in policy_names():

@@ -1,4 +1,4 @@
-"""``robodiff`` console script: ``train``, ``eval`` and ``list``.
+"""``robodiff`` console script: ``train``, ``eval``, ``deploy`` and ``list``.
 
 Arguments after the command are Hydra overrides (``task=pusht_state train.steps=1500``), composed with Hydra's
 compose API and converted once into the typed dataclasses of ``cli.config``; modules below never see a
@@ -21,7 +21,9 @@ USAGE = """usage: robodiff <command> [key=value ...]
 commands:
   train   train a policy:     robodiff train task=pusht_state policy=diffusion_unet train.steps=1500 logger=none
   eval    evaluate a policy:  robodiff eval checkpoint=<run_dir>/checkpoints/latest n_episodes=50
-  list    show registered tasks and policies
+  deploy  run a policy in the real-time control loop:
+          robodiff deploy checkpoint=<dir> robot=sim_pusht executor=rti n_episodes=5
+  list    show registered tasks, policies and executors
 """
 
 
@@ -189,6 +191,7 @@ def cmd_train(overrides: Sequence[str]) -> dict:
 def cmd_eval(overrides: Sequence[str]) -> dict:
     import torch
 
+    from cli.config import executor_options
     from envs.tasks import TaskConfig, make_task
     from policies.checkpoint import load_policy, read_config
     from policies.train import available_cores
@@ -215,16 +218,20 @@ def cmd_eval(overrides: Sequence[str]) -> dict:
     out = Path(cfg.output_dir) if cfg.output_dir else ckpt / "eval"
     out.mkdir(parents=True, exist_ok=True)
     pc = policy.config
-    result = task.evaluate(
-        policy,
-        n_obs_steps=pc.n_obs_steps,
-        n_action_steps=pc.n_action_steps,
-        n_episodes=cfg.n_episodes,
-        video_path=out / "rollout.mp4" if cfg.video else None,
-        device=cfg.device,
-        executor=cfg.executor,
-        temporal_ensemble=cfg.temporal_ensemble,
-    )
+    try:
+        result = task.evaluate(
+            policy,
+            n_obs_steps=pc.n_obs_steps,
+            n_action_steps=pc.n_action_steps,
+            n_episodes=cfg.n_episodes,
+            video_path=out / "rollout.mp4" if cfg.video else None,
+            device=cfg.device,
+            executor=cfg.executor,
+            temporal_ensemble=cfg.temporal_ensemble,
+            executor_options=executor_options(cfg),
+        )
+    except ValueError as err:  # an executor that does not fit the policy, an unknown option
+        raise UsageError(str(err)) from err
     record = {"checkpoint": str(ckpt), **result.to_dict()}
     (out / "eval.json").write_text(json.dumps(record, indent=2))
     print(
@@ -235,18 +242,89 @@ def cmd_eval(overrides: Sequence[str]) -> dict:
     return {k: v for k, v in record.items() if not isinstance(v, list)}
 
 
+def cmd_deploy(overrides: Sequence[str]) -> dict:
+    from cli.config import SimPushTRobotConfig, executor_options
+    from deploy.loop import LoopConfig
+    from deploy.run import DEPLOY_EXECUTORS, deploy_robot, deploy_sim_pusht, loop_mode, pusht_limits
+    from deploy.safety import Limits
+    from policies.checkpoint import read_config
+
+    if "robot=ros2" in overrides:
+        try:
+            import deploy.ros2.robot  # noqa: F401
+        except ImportError as err:
+            raise UsageError(f"robot=ros2 needs the ros2 extra (pip install -e '.[ros2]'): {err}") from err
+    cfg = compose("deploy", overrides)
+    ckpt = Path(cfg.checkpoint).expanduser()
+    try:
+        saved = read_config(ckpt)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from err
+    if cfg.executor is not None and cfg.executor not in DEPLOY_EXECUTORS:
+        raise UsageError(f"executor must be one of {DEPLOY_EXECUTORS}, got {cfg.executor!r}")
+    inference = {k: getattr(cfg, k) for k in ("sampler", "num_inference_steps") if getattr(cfg, k) is not None}
+    inference |= executor_options(cfg)
+    if cfg.temporal_ensemble is not None:
+        inference["temporal_ensemble"] = cfg.temporal_ensemble
+    loop_values = {**dataclasses.asdict(cfg.loop), "mode": loop_mode(cfg.executor)}
+    out = Path(cfg.output_dir) if cfg.output_dir else ckpt / "deploy"
+    robot = cfg.robot
+    try:
+        if isinstance(robot, SimPushTRobotConfig):
+            if saved["shape_meta"]["obs"].keys() != {"state"}:
+                raise UsageError("robot=sim_pusht runs state-observation Push-T checkpoints (obs 'state' [20])")
+            loop = LoopConfig(**loop_values, limits=pusht_limits(robot.max_velocity))
+            result = deploy_sim_pusht(
+                ckpt,
+                loop,
+                executor=cfg.executor,
+                n_episodes=cfg.n_episodes,
+                seed_start=cfg.seed_start,
+                max_duration_s=cfg.max_duration_s,
+                output_dir=out,
+                video=cfg.video,
+                physics_hz=robot.physics_hz,
+                torch_threads=cfg.torch_threads,
+                **inference,
+            )
+            print(
+                f"{result['n_episodes']} real-time episodes: score {result['score']:.3f}, success "
+                f"{result['success_rate']:.0%}, lateness p99 {result['lateness_ms']['p99']:.2f} ms, "
+                f"missed ticks {result['missed_ticks']} -> {out / 'deploy.json'}",
+                flush=True,
+            )
+            return {k: v for k, v in result.items() if k not in ("episodes", "loop")}
+        from deploy.ros2.robot import Ros2Robot
+
+        limits = Limits(low=robot.position_low, high=robot.position_high, max_velocity=robot.max_velocity)
+        loop = LoopConfig(**loop_values, limits=limits)
+        summary = deploy_robot(
+            ckpt,
+            lambda: Ros2Robot(robot),
+            loop,
+            executor=cfg.executor,
+            max_duration_s=cfg.max_duration_s,
+            output_dir=out,
+            torch_threads=cfg.torch_threads,
+            **inference,
+        )
+        return summary
+    except ValueError as err:  # bad loop settings, overrides or executor options: named by the component
+        raise UsageError(str(err)) from err
+
+
 def cmd_list(_: Sequence[str]) -> dict:
-    from envs.executor import EXECUTORS
+    from deploy.run import DEPLOY_EXECUTORS
     from envs.tasks import task_names
     from policies.registry import policy_names
 
-    listing = {"tasks": task_names(), "policies": policy_names(), "executors": list(EXECUTORS)}
+    listing = {"tasks": task_names(), "policies": policy_names(), "executors": list(DEPLOY_EXECUTORS)}
     for kind, names in listing.items():
         print(f"{kind}:\n" + "".join(f"  {n}\n" for n in names), end="")
     return listing
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "deploy": cmd_deploy, "list": cmd_list}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,13 +1,14 @@
 """Per-dimension min-max normalizer that lives inside a policy as an ``nn.Module`` with buffers.
 
 ``normalize(x) = x * scale + offset`` maps each dimension's [min, max] to [-1, 1] (Diffusion Policy's
-``LinearNormalizer`` in "limits" mode). Its statistics are buffers, so they are saved in and restored from the
-policy's checkpoint with the weights and can never drift from the model that was trained with them.
+``LinearNormalizer`` in "limits" mode), or to [-g, g] for a dimension given a gain g at ``fit`` (RTI-DP's scaling of
+a discrete dimension such as a gripper, Duan et al. 2025). Its statistics are buffers, so they are saved in and
+restored from the policy's checkpoint with the weights and can never drift from the model that was trained with them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -29,12 +30,26 @@ class LinearNormalizer(nn.Module):
             self.register_buffer(f"{key}_max", torch.zeros(d))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
-    def fit(self, data: Mapping[str, torch.Tensor], identity_keys: Iterable[str] = ()) -> LinearNormalizer:
-        """Fit every key from ``data[key]: [..., D]``; ``identity_keys`` keep scale 1 and offset 0."""
+    def fit(
+        self,
+        data: Mapping[str, torch.Tensor],
+        identity_keys: Iterable[str] = (),
+        gains: Mapping[str, Sequence[float]] | None = None,
+    ) -> LinearNormalizer:
+        """Fit every key from ``data[key]: [..., D]``; ``identity_keys`` keep scale 1 and offset 0.
+        ``gains {key: [D] factors > 0}`` multiply the normalized values of that key (dimension d then spans
+        [-g_d, g_d]); they live in the scale and offset buffers, so ``unnormalize`` divides them back."""
         identity_keys = set(identity_keys)
+        gains = dict(gains or {})
         missing = set(self.dims) - set(data)
         if missing:
             raise ValueError(f"normalizer.fit: no data for keys {sorted(missing)}")
+        for key, gain in gains.items():
+            if key not in self.dims or key in identity_keys or len(gain) != self.dims[key] or not min(gain) > 0:
+                raise ValueError(
+                    f"normalizer.fit: gains[{key!r}] must have {self.dims.get(key)} factors > 0 for a normalized key "
+                    f"of {sorted(self.dims)}, got {list(gain)}"
+                )
         for key, d in self.dims.items():
             x = torch.as_tensor(data[key], dtype=torch.float32).reshape(-1, d)
             if not torch.isfinite(x).all():
@@ -48,6 +63,9 @@ class LinearNormalizer(nn.Module):
             const = span < _RANGE_EPS
             scale = torch.where(const, torch.ones_like(span), 2.0 / span.clamp_min(_RANGE_EPS))
             offset = torch.where(const, -lo, -1.0 - lo * scale)
+            if key in gains:
+                gain = torch.as_tensor(gains[key], dtype=torch.float32)
+                scale, offset = scale * gain, offset * gain
             getattr(self, f"{key}_scale").copy_(scale)
             getattr(self, f"{key}_offset").copy_(offset)
         self.fitted.fill_(True)

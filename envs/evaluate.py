@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ def evaluate(
     n_action_steps: int,
     temporal_ensemble: float | None = None,
     executor: str | None = None,
+    executor_options: Mapping[str, Any] | None = None,
     video_path: str | Path | None = None,
     n_video_episodes: int = 1,
     progress: bool = True,
@@ -83,8 +85,10 @@ def evaluate(
 ) -> EvalResult:
     """Roll out `policy` on the Push-T test seeds and score it; videos show the first episodes.
 
-    `executor`: "chunk" or "streaming" (see `envs.executor.make_executor`); None takes the policy's
-    `default_executor` attribute if it has one (Streaming DP: "streaming"), else "chunk"."""
+    `executor`: one of `envs.executor.EXECUTORS` ("chunk", "ensemble", "rti", "streaming"); None takes the policy's
+    `default_executor` attribute if it has one (Streaming DP: "streaming"), else "chunk". `executor_options` go to
+    `make_executor` as keyword options (RTI's rti_steps / rti_start / rti_every, discrete_dims / snap_values), which
+    rejects the ones the kind does not take. Every executor serves all n_envs in lockstep."""
     if obs_mode not in OBS_MODES:
         raise ValueError(f"obs_mode must be one of {OBS_MODES}, got {obs_mode!r}")
     check_int("n_episodes", n_episodes, 1)
@@ -95,7 +99,9 @@ def evaluate(
     check_int("n_envs", n_envs, 1)
     n_envs = min(n_envs, n_episodes)
     kind = executor if executor is not None else getattr(policy, "default_executor", "chunk")
-    runner = make_executor(kind, policy, n_obs_steps, n_action_steps, temporal_ensemble, device)
+    runner = make_executor(
+        kind, policy, n_obs_steps, n_action_steps, temporal_ensemble, device, **(executor_options or {})
+    )
 
     start = time.perf_counter()
     seeds = list(range(seed_start, seed_start + n_episodes))

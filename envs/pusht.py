@@ -19,6 +19,7 @@ import numpy as np
 import shapely
 from gym_pusht.envs.pusht import PushTEnv as _GymPushTEnv
 from gymnasium import spaces
+from pymunk import Vec2d
 
 # Block-frame coordinates (pixels) of the 9 keypoints stored in the demonstrations (`data/keypoint`).
 # Recovered from pusht_cchi_v7_replay.zarr as the mean over all frames of R(-theta) (keypoint - block_xy);
@@ -212,6 +213,30 @@ class PushTEnv(gym.Env):
             truncated,
             {"coverage": coverage, "is_success": terminated},
         )
+
+    @property
+    def physics_dt(self) -> float:
+        """gym-pusht's physics sub-step (0.01 s): `step` runs 10 of them per 10 Hz action."""
+        return float(self._inner.dt)
+
+    def physics_step(self, action: np.ndarray, dt: float | None = None) -> None:
+        """One PD-controlled physics sub-step toward the target `action [2]` (pixels), for real-time simulation
+        (deploy/sim_pusht.py) where targets change between sub-steps. With the default `dt` (`physics_dt`), ten of
+        these with the same target are exactly one `step` (same operations as gym-pusht's step loop, k_p 100,
+        k_v 20); no step counting, reward or observation."""
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != (2,) or not np.all(np.isfinite(action)):
+            raise ValueError(f"action must be 2 finite numbers (target agent x, y), got {action.tolist()}")
+        dt = self.physics_dt if dt is None else dt
+        inner = self._inner
+        inner._last_action = action  # the target marker `render` draws
+        acceleration = inner.k_p * (action - inner.agent.position) + inner.k_v * (Vec2d(0, 0) - inner.agent.velocity)
+        inner.agent.velocity += acceleration * dt
+        inner.space.step(dt)
+
+    def observation(self) -> dict[str, np.ndarray]:
+        """The current observation, as `reset`/`step` return it."""
+        return self._get_obs()
 
     def get_state(self) -> np.ndarray:
         """Current [agent x, agent y, block x, block y, block angle (unwrapped)] as float64."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -35,11 +36,22 @@ class PolicyConfig:
     crop_shape: list[int] | None = dataclasses.field(default_factory=lambda: [84, 84])
     vision_keypoints: int = 32
     share_vision_encoder: bool = False
+    # Per-action-dim factors s applied after min-max normalization, so that dim spans [-s, s] (RTI-DP, Duan et al.
+    # 2025: scaling a discrete dim such as a gripper at training time separates its modes, and a warm-started
+    # sampler is then less likely to drift between them; the executor snaps it at execution). None: all 1.
+    # A list (length Da) rather than {dim: s}: config.json keys are strings and Hydra schemas take no unions.
+    action_scale: list[float] | None = None
 
     def __post_init__(self) -> None:
         for name in ("horizon", "n_obs_steps", "n_action_steps", "vision_keypoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.action_scale is not None and (
+            not self.action_scale or not all(math.isfinite(s) and s > 0 for s in self.action_scale)
+        ):
+            raise ValueError(
+                f"action_scale must be null or a non-empty list of finite factors > 0, got {self.action_scale}"
+            )
         if self.crop_shape is not None and (len(self.crop_shape) != 2 or min(self.crop_shape) < 1):
             raise ValueError(f"crop_shape must be null or [height, width] >= 1, got {self.crop_shape}")
         if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
@@ -63,6 +75,10 @@ class Policy(nn.Module, abc.ABC):
             "action": list(shape_meta["action"]),
         }
         self.action_dim = int(self.shape_meta["action"][0])
+        if config.action_scale is not None and len(config.action_scale) != self.action_dim:
+            raise ValueError(
+                f"action_scale must have one factor per action dim ({self.action_dim}), got {config.action_scale}"
+            )
         self.lowdim_keys = [k for k, s in self.shape_meta["obs"].items() if len(s) == 1]
         self.image_keys = [k for k, s in self.shape_meta["obs"].items() if len(s) == 3]
         dims = {k: self.shape_meta["obs"][k][0] for k in self.lowdim_keys}
@@ -100,8 +116,10 @@ class Policy(nn.Module, abc.ABC):
         """Called by the training loop after every optimizer step (e.g. Polyak-averaged target critics)."""
 
     def fit_normalizer(self, data: Mapping[str, torch.Tensor]) -> None:
-        """Fit min-max statistics of low-dimensional observations and actions (images are already [0, 1])."""
-        self.normalizer.fit({k: data[k] for k in [*self.lowdim_keys, "action"]})
+        """Fit min-max statistics of low-dimensional observations and actions (images are already [0, 1]); the
+        config's ``action_scale`` multiplies the normalized actions."""
+        scale = {"action": self.config.action_scale} if self.config.action_scale is not None else None
+        self.normalizer.fit({k: data[k] for k in [*self.lowdim_keys, "action"]}, gains=scale)
 
     # -- input checks (user-facing errors) -------------------------------------------------------------------
     def check_obs(self, obs: Mapping[str, torch.Tensor]) -> int:
@@ -135,10 +153,11 @@ class Policy(nn.Module, abc.ABC):
             raise ValueError("batch 'action' contains NaN or inf")
         return b
 
-    def check_noise(self, noise: torch.Tensor, batch: int) -> None:
+    def check_noise(self, noise: torch.Tensor, batch: int, name: str = "noise") -> None:
+        """``noise`` (or another chunk-shaped input called ``name``) must be ``[B, H, Da]``."""
         want = [batch, self.config.horizon, self.action_dim]
         if list(noise.shape) != want:
-            raise ValueError(f"noise has shape {list(noise.shape)}, expected {want}")
+            raise ValueError(f"{name} has shape {list(noise.shape)}, expected {want}")
 
     def initial_noise(
         self, batch: int, noise: torch.Tensor | None, device: torch.device, generator: torch.Generator | None

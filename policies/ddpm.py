@@ -3,6 +3,11 @@
 Time convention (``policies.schedulers``): DDPM levels k = 0 (clean) .. K-1 (noisiest); the network predicts
 epsilon. A subclass builds its network and defines ``encode_obs`` and ``denoise``; everything here is written
 only against those two, the schedule and the config's sampler fields.
+
+Warm start (``refine_action_chunk``, RTI-DP, Duan et al. 2025): a clean chunk is diffused to the intermediate
+level start_t = round(start * (K - 1)) by q(x_k | x_0) and denoised from there over ``schedule.timesteps(n,
+start_t)`` with the policy's own sampler; at start = 1 (level K-1) the chunk is replaced by the noise itself, as
+full sampling treats pure noise as level K-1, so refine(start=1) == predict_action_chunk for the same noise.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class DDPMPolicy(Policy):
             num_train_timesteps=config.num_train_timesteps,
             beta_schedule=config.beta_schedule,
             clip_sample=config.clip_sample,
+            # dims scaled by action_scale span [-s, s]; the schedule's clip is one number, so the widest span
+            clip_sample_range=max(config.action_scale or [1.0]),
         )
 
     @abc.abstractmethod
@@ -68,6 +75,26 @@ class DDPMPolicy(Policy):
         loss = F.mse_loss(pred, noise)
         return loss, {"loss": loss.detach()}
 
+    def _sample(
+        self, cond: torch.Tensor, x_init: torch.Tensor, start_t: int, num_steps: int, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """``x_init: [B, H, Da]`` normalized at level ``start_t`` -> clean normalized actions ``[B, H, Da]``.
+
+        DDPM = ancestral posterior q(x_k' | x_k, x0_hat) between the listed levels, which is the DDIM update with
+        eta=1 (Song et al. 2021, eq. 16); with all K levels it is Ho et al.'s sampler."""
+        x0 = self.schedule.sample(
+            lambda x, t: self.denoise(x, t, cond),
+            x_init,
+            self.schedule.timesteps(num_steps, start_t),
+            eta=1.0 if self.config.sampler == "ddpm" else 0.0,
+            generator=generator,
+        )
+        if self.config.clip_sample and self.config.action_scale is not None:
+            # the schedule clips to one number (the widest span); each dim's own range is [-s, s]
+            bound = torch.as_tensor(self.config.action_scale, dtype=x0.dtype, device=x0.device)
+            x0 = torch.maximum(torch.minimum(x0, bound), -bound)
+        return x0
+
     @torch.no_grad()
     def predict_action_chunk(
         self,
@@ -83,13 +110,30 @@ class DDPMPolicy(Policy):
         b = self.check_obs(obs)
         cond = self.encode_obs(obs)
         noise = self.initial_noise(b, noise, cond.device, generator)
-        # DDPM = ancestral posterior q(x_k' | x_k, x0_hat) between the listed levels, which is the DDIM update
-        # with eta=1 (Song et al. 2021, eq. 16); with all K levels it is Ho et al.'s sampler.
-        x0 = self.schedule.sample(
-            lambda x, t: self.denoise(x, t, cond),
-            noise,
-            self.schedule.timesteps(self.config.num_inference_steps),
-            eta=1.0 if self.config.sampler == "ddpm" else 0.0,
-            generator=generator,
-        )
+        x0 = self._sample(cond, noise, self.config.num_train_timesteps - 1, self.config.num_inference_steps, generator)
         return self.normalizer.unnormalize("action", x0)
+
+    @torch.no_grad()
+    def refine_action_chunk(
+        self,
+        obs: Mapping[str, torch.Tensor],
+        actions: torch.Tensor,
+        num_steps: int,
+        start: float,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Warm-started sampling: ``obs: {k: [B, To, Dk]}``, ``actions: [B, H, Da]`` raw (e.g. the previous chunk,
+        shifted) -> refined actions ``[B, H, Da]`` raw, after ``num_steps`` denoiser passes from level
+        round(start * (K - 1)). ``noise [B, H, Da]`` diffuses ``actions`` to that level (drawn when None)."""
+        b = self.check_obs(obs)
+        self.check_noise(actions, b, name="actions")
+        if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 <= start <= 1:
+            raise ValueError(f"start must be a float in [0, 1], got {start!r}")
+        cond = self.encode_obs(obs)
+        noise = self.initial_noise(b, noise, cond.device, generator)
+        top = self.config.num_train_timesteps - 1
+        start_t = round(start * top)
+        x0 = self.normalizer.normalize("action", actions.to(cond.device))
+        x = noise if start_t == top else self.schedule.add_noise(x0, noise, start_t)
+        return self.normalizer.unnormalize("action", self._sample(cond, x, start_t, num_steps, generator))

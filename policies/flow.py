@@ -55,11 +55,14 @@ def interpolate(a: Tensor, eps: Tensor, t: Tensor) -> Tensor:
     return (1 - t) * a + t * eps
 
 
-def time_grid(num_steps: int, device: torch.device | str | None = None) -> Tensor:
-    """num_steps uniform steps from noise to data: [1, 1 - 1/n, ..., 0] of shape [num_steps + 1]."""
+def time_grid(num_steps: int, device: torch.device | str | None = None, start: float = 1.0) -> Tensor:
+    """num_steps uniform steps from t = start (1: pure noise; lower: a warm start) to data:
+    [start, start (1 - 1/n), ..., 0] of shape [num_steps + 1]."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    return torch.linspace(1.0, 0.0, num_steps + 1, device=device)
+    if not 0 < start <= 1:
+        raise ValueError(f"start must be in (0, 1], got {start}")
+    return torch.linspace(start, 0.0, num_steps + 1, device=device)
 
 
 def _check_grid(grid: Tensor) -> None:

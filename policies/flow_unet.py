@@ -74,7 +74,14 @@ class UnetFlowPolicy(Policy):
         return flow.sample_time(n, c.time_distribution, mean=c.logit_normal_mean, std=c.logit_normal_std, device=device)
 
     def clip(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clamp(-1.0, 1.0) if self.config.clip_sample else x
+        """Clip normalized actions ``[B, H, Da]`` to the normalizer's range: [-1, 1], or [-s, s] for a dim scaled
+        by ``action_scale``."""
+        if not self.config.clip_sample:
+            return x
+        if self.config.action_scale is None:
+            return x.clamp(-1.0, 1.0)
+        bound = torch.as_tensor(self.config.action_scale, dtype=x.dtype, device=x.device)
+        return torch.maximum(torch.minimum(x, bound), -bound)
 
     @abc.abstractmethod
     def flow_loss(self, cond: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -133,6 +140,35 @@ class FlowUnetPolicy(UnetFlowPolicy):
         return loss, {"loss": loss.detach()}
 
     def sample_normalized(self, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        grid = flow.time_grid(self.config.num_inference_steps, noise.device)
-        x = flow.integrate(lambda x, t: self.denoise(x, t, cond), noise, grid, self.config.sampler)
-        return self.clip(x)
+        return self._integrate(cond, noise, 1.0, self.config.num_inference_steps)
+
+    def _integrate(self, cond: torch.Tensor, x_t: torch.Tensor, start: float, num_steps: int) -> torch.Tensor:
+        """``x_t: [B, H, Da]`` normalized at flow time ``start`` -> ``num_steps`` ODE steps to t = 0 -> [B, H, Da]."""
+        grid = flow.time_grid(num_steps, x_t.device, start=start)
+        return self.clip(flow.integrate(lambda x, t: self.denoise(x, t, cond), x_t, grid, self.config.sampler))
+
+    @torch.no_grad()
+    def refine_action_chunk(
+        self,
+        obs: Mapping[str, torch.Tensor],
+        actions: torch.Tensor,
+        num_steps: int,
+        start: float,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Warm-started sampling (RTI-DP, Duan et al. 2025): ``actions: [B, H, Da]`` raw (e.g. the previous chunk,
+        shifted) are moved to x_t = (1 - t) a + t eps at t = ``start`` in (0, 1], then integrated to t = 0 in
+        ``num_steps`` steps under ``obs: {k: [B, To, Dk]}`` -> ``[B, H, Da]`` raw. At start = 1, x_1 = eps and this
+        is predict_action_chunk with ``num_steps`` steps."""
+        b = self.check_obs(obs)
+        self.check_noise(actions, b, name="actions")
+        if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 < start <= 1:
+            raise ValueError(f"start must be a float in (0, 1], got {start!r}")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+        cond = self.encode_obs(obs)
+        noise = self.initial_noise(b, noise, cond.device, generator)
+        a = self.normalizer.normalize("action", actions.to(cond.device))
+        x_t = flow.interpolate(a, noise, torch.full((b,), float(start), device=cond.device))
+        return self.normalizer.unnormalize("action", self._integrate(cond, x_t, float(start), num_steps))

@@ -63,6 +63,47 @@ def test_train_resume_eval(tmp_path, pusht_path):
     assert {"score", "success_rate", "n_episodes"} <= set(result) and result["n_episodes"] == 2
     assert (latest / "eval" / "eval.json").exists() and (latest / "eval" / "rollout.mp4").stat().st_size > 0
 
+    # Warm-started RTI through the same evaluation; an option of another executor is a clear error.
+    result = last_json(
+        robodiff(
+            "eval",
+            f"checkpoint={latest}",
+            "n_episodes=1",
+            "max_steps=6",
+            "video=false",
+            "executor=rti",
+            "rti_steps=2",
+            f"output_dir={tmp_path / 'rti'}",
+        )
+    )
+    assert result["n_episodes"] == 1
+    proc = robodiff("eval", f"checkpoint={latest}", "executor=chunk", "rti_steps=2", check=False)
+    assert proc.returncode == 2 and "rti_steps" in proc.stderr and "Traceback" not in proc.stderr
+
+    # The trained tiny policy in the real-time loop on the simulated robot, synchronous RTI and asynchronous chunks.
+    for executor in ("rti", "async"):
+        out_dir = tmp_path / f"deploy_{executor}"
+        result = last_json(
+            robodiff(
+                "deploy",
+                f"checkpoint={latest}",
+                f"executor={executor}",
+                "max_duration_s=2",
+                "loop.merge_rule=freeze",
+                f"output_dir={out_dir}",
+                "video=false",
+            )
+        )
+        assert result["mode"] == ("async" if executor == "async" else "sync") and result["estops"] == 0
+        assert 0.0 <= result["score"] <= 1.0 and result["lateness_ms"]["p50"] < 5.0  # loose: shared CI machine
+        assert result["inference_ms"]["p50"] > 0 and result["limit_events"]["rejected"] == 0
+        ticks = json.loads((out_dir / "ticks_100000.json").read_text())
+        assert 80 <= ticks["summary"]["ticks"] + ticks["summary"]["missed_ticks"] <= 101  # 2 s at 50 Hz
+    proc = robodiff("deploy", f"checkpoint={latest}", "executor=warp", check=False)
+    assert proc.returncode == 2 and "executor must be one of" in proc.stderr
+    proc = robodiff("deploy", f"checkpoint={latest}", "loop.policy_hz=7", check=False)
+    assert proc.returncode == 2 and "policy_hz must divide control_hz" in proc.stderr
+
     # Re-using a run directory without resume is refused instead of overwriting it.
     proc = robodiff("train", *TINY, "train.steps=2", f"run_dir={run_dir}", check=False)
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
@@ -71,7 +112,7 @@ def test_train_resume_eval(tmp_path, pusht_path):
 def test_list_shows_tasks_policies_and_executors():
     out = robodiff("list").stdout
     names = {line.strip() for line in out.splitlines()}
-    assert {"pusht_state", "pusht_image", "chunk", "streaming"} <= names
+    assert {"pusht_state", "pusht_image", "chunk", "ensemble", "rti", "streaming", "async"} <= names
     family = {"diffusion_unet", "diffusion_transformer", "flow_unet", "mode", "streaming", "meanflow", "ofql"}
     assert family <= names, family - names
 

@@ -153,6 +153,6 @@ def test_streaming_executor_owns_the_buffer():
     assert calls[-1] is None  # a new episode starts from a fresh buffer
     assert type(make_executor("chunk", policy, 2, 5)) is ChunkExecutor
     with pytest.raises(ValueError, match="executor must be one of"):
-        make_executor("rti", policy, 2, 5)
+        make_executor("nope", policy, 2, 5)
     with pytest.raises(ValueError, match="needs a policy with stream"):
         make_executor("streaming", object(), 2, 5)
