@@ -56,15 +56,18 @@ class SharedLayout:
         self.obs_block = slice(self.obs_stamp, self.size)  # what the simulator rewrites per observation
 
 
-def seqlock_read(buf: np.ndarray, seq: int, block: slice, max_tries: int = 10000) -> tuple[int, np.ndarray]:
-    """A consistent copy of ``buf[block]`` guarded by the counter ``buf[seq]``: ``(counter, copy)``."""
+def seqlock_read(buf: np.ndarray, seq: int, block: slice, max_tries: int = 1000) -> tuple[int, np.ndarray] | None:
+    """A consistent copy of ``buf[block]`` guarded by the counter ``buf[seq]``: ``(counter, copy)``, or None when
+    none was possible within ``max_tries`` reads: the writer process was preempted in the middle of a write (seen
+    on this 2-core machine while inference used both cores). The caller keeps its previous value then; a reader in
+    the control loop must never block or fail on it (the watchdog judges staleness)."""
     for _ in range(max_tries):
         before = buf[seq]
         if before % 2 == 0:
             data = buf[block].copy()
             if buf[seq] == before:
                 return int(before), data
-    raise RuntimeError(f"shared-memory block {block} kept changing during {max_tries} reads")
+    return None
 
 
 def seqlock_write(buf: np.ndarray, seq: int, block: slice, values: np.ndarray) -> None:
@@ -110,6 +113,7 @@ class SimPushTRobot:
         self.video_path, self.video_fps, self.start_timeout_s = video_path, float(video_fps), start_timeout_s
         self.layout = SharedLayout(obs_mode, self.action_dim)
         self._shm: shared_memory.SharedMemory | None = None
+        self._last_obs: Observation | None = None
         self._proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -141,14 +145,18 @@ class SimPushTRobot:
     def read(self) -> Observation | None:
         self._check_alive()
         layout = self.layout
-        seq, block = seqlock_read(self._buf, layout.obs_seq, layout.obs_block)
+        read = seqlock_read(self._buf, layout.obs_seq, layout.obs_block)
+        if read is None:  # the simulator is mid-write (preempted): the newest consistent observation stands
+            return self._last_obs
+        seq, block = read
         if seq == 0:
             return None
         base = layout.obs_stamp
         data = {key: block[s.start - base : s.stop - base].reshape(shape).astype(np.float32)
                 for key, (s, shape) in layout.obs.items()}  # fmt: skip
         info = {key: float(block[i - base]) for key, i in layout.info.items()}
-        return Observation(data=data, stamp=float(block[0]), info=info)
+        self._last_obs = Observation(data=data, stamp=float(block[0]), info=info)
+        return self._last_obs
 
     def command(self, target: np.ndarray, stamp: float) -> None:
         target = np.asarray(target, dtype=np.float64)

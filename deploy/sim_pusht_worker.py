@@ -88,7 +88,8 @@ def run(buf: np.ndarray, layout: SharedLayout, args: argparse.Namespace) -> None
                 overruns += 1
                 t0 = time.monotonic() - (steps + 1) * period
                 deadline = t0 + (steps + 1) * period
-            seq, command = seqlock_read(buf, layout.CMD_SEQ, layout.command)
+            read = seqlock_read(buf, layout.CMD_SEQ, layout.command)
+            seq, command = read if read is not None else (cmd_seq, None)  # mid-write: keep the current target
             if seq != cmd_seq:
                 cmd_seq = seq
                 if command[0] == CMD_TARGET:

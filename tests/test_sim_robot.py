@@ -65,3 +65,16 @@ def test_video_is_rendered_by_the_simulator(tmp_path):
         time.sleep(0.5)
     frames = iio.imread(path)
     assert frames.ndim == 4 and frames.shape[-1] == 3 and 5 <= len(frames) <= 16
+
+
+def test_seqlock_read_never_blocks_on_a_writer_preempted_mid_write():
+    from deploy.sim_pusht import seqlock_read, seqlock_write
+
+    buf = np.zeros(6)
+    seqlock_write(buf, 0, slice(1, 6), np.arange(5.0))
+    assert seqlock_read(buf, 0, slice(1, 6))[0] == 2
+    buf[0] += 1  # the writer started a write and was descheduled: the counter stays odd
+    assert seqlock_read(buf, 0, slice(1, 6), max_tries=50) is None  # the caller keeps its previous value
+    buf[0] += 1
+    seq, data = seqlock_read(buf, 0, slice(1, 6))
+    assert seq == 4 and data.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
