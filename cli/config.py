@@ -12,6 +12,8 @@ from deploy.loop import LoopConfig
 from envs.tasks import TaskConfig
 from policies.registry import config_class, policy_names
 from policies.train import TrainLoopConfig
+from rl.methods import import_methods, method_config_class, method_names
+from rl.run import AdaptLoopConfig
 
 
 @dataclasses.dataclass
@@ -116,6 +118,24 @@ class DeployRunConfig:
             raise ValueError(f"max_duration_s must be > 0, got {self.max_duration_s}")
 
 
+@dataclasses.dataclass
+class AdaptRunConfig:
+    base: str = MISSING  # the base policy's checkpoint directory (frozen during adaptation)
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    rl: Any = MISSING  # configs/rl/<method>.yaml, chosen with method=<name>
+    loop: AdaptLoopConfig = dataclasses.field(default_factory=AdaptLoopConfig)
+    run_dir: str | None = None
+    name: str | None = None
+    logger: str = "wandb"
+    resume: str | None = None  # a run directory of `robodiff adapt`
+    device: str = "cpu"
+    video: bool = False  # rollout videos of the evaluations
+
+    def __post_init__(self) -> None:
+        if self.logger not in ("wandb", "none"):
+            raise ValueError(f"logger must be 'wandb' or 'none', got '{self.logger}'")
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainRunConfig)
@@ -132,3 +152,8 @@ def register_configs() -> None:
     cs.store(group="train", name="train_loop_schema", node=TrainLoopConfig)
     for name in policy_names():
         cs.store(group="policy", name=f"{name}_schema", node=config_class(name))
+    cs.store(name="adapt_schema", node=AdaptRunConfig)
+    cs.store(group="loop", name="adapt_loop_schema", node=AdaptLoopConfig)
+    import_methods()
+    for name in method_names():
+        cs.store(group="rl", name=f"{name}_schema", node=method_config_class(name))

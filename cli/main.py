@@ -23,7 +23,9 @@ commands:
   eval    evaluate a policy:  robodiff eval checkpoint=<run_dir>/checkpoints/latest n_episodes=50
   deploy  run a policy in the real-time control loop:
           robodiff deploy checkpoint=<dir> robot=sim_pusht executor=rti n_episodes=5
-  list    show registered tasks, policies and executors
+  adapt   adapt a frozen policy by RL:
+          robodiff adapt method=dsrl base=<checkpoint> task=pusht_state loop.total_env_steps=100000
+  list    show registered tasks, policies, executors and RL methods
 """
 
 
@@ -107,6 +109,22 @@ def _resolve_resume(resume: str) -> tuple[Path, Path]:
     return ckpt.parent.parent, ckpt
 
 
+def _prepare_run_dir(cfg: Any, kind: str, resume_dir: Path | None, saved: list[str], overrides: Sequence[str]) -> Path:
+    """The run directory (``cfg.run_dir``, else ``runs/<date>/<time>_<kind>``; a resumed run's own), created, with the
+    overrides that made it saved for ``resume=``; refuses to start a new run over an existing one."""
+    if resume_dir is None:
+        stamp = dt.datetime.now()
+        name = cfg.name or f"{stamp:%H%M%S}_{kind}"
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / f"{stamp:%Y-%m-%d}" / name
+        if (run_dir / "checkpoints" / "latest").exists():
+            raise UsageError(f"{run_dir} already holds a run; resume it with resume={run_dir} or pick another run_dir")
+    else:
+        run_dir = resume_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "overrides.json").write_text(json.dumps(saved or [o for o in overrides if not o.startswith("resume=")]))
+    return run_dir
+
+
 def cmd_train(overrides: Sequence[str]) -> dict:
     import torch
 
@@ -120,14 +138,9 @@ def cmd_train(overrides: Sequence[str]) -> dict:
         run_dir, ckpt = _resolve_resume(resume_arg)
         saved = json.loads((run_dir / "overrides.json").read_text())
     cfg = compose("train", [o for o in saved if not o.startswith(("resume=", "run_dir="))] + list(overrides))
-    if not resume_arg:
-        stamp = dt.datetime.now()
-        name = cfg.name or f"{stamp:%H%M%S}_{cfg.task.name}_{cfg.policy.type}"
-        run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / f"{stamp:%Y-%m-%d}" / name
-        if (run_dir / "checkpoints" / "latest").exists():
-            raise UsageError(f"{run_dir} already holds a run; resume it with resume={run_dir} or pick another run_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "overrides.json").write_text(json.dumps(saved or [o for o in overrides if not o.startswith("resume=")]))
+    run_dir = _prepare_run_dir(
+        cfg, f"{cfg.task.name}_{cfg.policy.type}", run_dir if resume_arg else None, saved, overrides
+    )
     resolved = {
         "task": _jsonable(cfg.task),
         "policy_type": cfg.policy.type,
@@ -313,18 +326,86 @@ def cmd_deploy(overrides: Sequence[str]) -> dict:
         raise UsageError(str(err)) from err
 
 
+def cmd_adapt(overrides: Sequence[str]) -> dict:
+    import torch
+
+    from policies.checkpoint import read_config
+    from policies.train import available_cores
+    from rl.run import adapt, check_base
+
+    # `method=dsrl` picks the config group configs/rl/ (Hydra's group is named after the directory).
+    overrides = [f"rl={o.split('=', 1)[1]}" if o.startswith("method=") else o for o in overrides]
+    resume_arg = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
+    saved: list[str] = []
+    if resume_arg:
+        run_dir = Path(resume_arg).expanduser()
+        if not (run_dir / "overrides.json").exists():
+            raise UsageError(f"resume={resume_arg}: not a run directory of robodiff adapt (no overrides.json)")
+        saved = json.loads((run_dir / "overrides.json").read_text())
+    cfg = compose("adapt", [o for o in saved if not o.startswith(("resume=", "run_dir="))] + list(overrides))
+    base = Path(cfg.base).expanduser()
+    try:
+        base_config = read_config(base)
+        from envs.tasks import make_task
+
+        check_base(base_config, make_task(cfg.task).shape_meta, base, cfg.task.name)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"base={cfg.base}: {err}") from err
+    run_dir = _prepare_run_dir(cfg, f"adapt_{cfg.rl.type}", run_dir if resume_arg else None, saved, overrides)
+    resolved = {
+        "base": str(base),
+        "task": _jsonable(cfg.task),
+        "method": cfg.rl.type,
+        "rl": _jsonable(cfg.rl),
+        "loop": _jsonable(cfg.loop),
+    }
+    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+    torch.set_num_threads(available_cores())
+    print(f"run_dir: {run_dir}\nmethod: {cfg.rl.type}, base: {base}, task: {cfg.task.name}", flush=True)
+    logger = MetricsLogger(run_dir, cfg.logger, resolved, run_dir.name, bool(resume_arg))
+    try:
+        summary = adapt(
+            cfg.rl,
+            base,
+            run_dir,
+            cfg.loop,
+            cfg.task,
+            log=logger,
+            resume=bool(resume_arg),
+            device=cfg.device,
+            video=cfg.video,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from err
+    finally:
+        logger.close()
+    print(
+        f"{summary['method']}: {summary['env_steps']} env steps, success {summary['base_success_rate']:.0%} (base) -> "
+        f"{summary['success_rate']:.0%}, score {summary['base_score']:.3f} -> {summary['score']:.3f}",
+        flush=True,
+    )
+    return summary
+
+
 def cmd_list(_: Sequence[str]) -> dict:
     from deploy.run import DEPLOY_EXECUTORS
     from envs.tasks import task_names
-    from policies.registry import policy_names
+    from policies.registry import plugin_names, policy_names
+    from rl.methods import import_methods, method_names
 
-    listing = {"tasks": task_names(), "policies": policy_names(), "executors": list(DEPLOY_EXECUTORS)}
+    import_methods()
+    listing = {
+        "tasks": task_names(),
+        "policies": sorted(set(policy_names()) | set(plugin_names())),  # adapters (residual, dsrl) are plugins
+        "executors": list(DEPLOY_EXECUTORS),
+        "rl methods": method_names(),
+    }
     for kind, names in listing.items():
         print(f"{kind}:\n" + "".join(f"  {n}\n" for n in names), end="")
     return listing
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "deploy": cmd_deploy, "list": cmd_list}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "deploy": cmd_deploy, "adapt": cmd_adapt, "list": cmd_list}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,6 +39,16 @@ class RefinablePolicy(ChunkPolicy, Protocol):
     ) -> torch.Tensor: ...
 
 
+class CorrectedPolicy(ChunkPolicy, Protocol):
+    """A chunk policy whose executed actions get a per-step correction from the observation of that step (residual
+    RL, ``rl.adapters.ResidualPolicy``): the executor queues ``base_action_chunk`` and corrects each action when it
+    is executed."""
+
+    def base_action_chunk(self, obs: dict[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def correct_action(self, obs: dict[str, torch.Tensor], action: torch.Tensor) -> torch.Tensor: ...
+
+
 class StreamingPolicy(Protocol):
     def stream(
         self, obs: dict[str, torch.Tensor], buffer: torch.Tensor | None = None
@@ -50,11 +60,53 @@ def check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
+class ObsHistory:
+    """The last ``n_obs_steps`` observations of B environments, ``{key: [B, To, ...]}``. The first observation of an
+    episode is repeated to fill the window, as Diffusion Policy's MultiStepWrapper does, so the policy always sees
+    To frames."""
+
+    def __init__(self, n_obs_steps: int, batch_size: int) -> None:
+        check_int("n_obs_steps", n_obs_steps, 1)
+        check_int("batch_size", batch_size, 1)
+        self.n_obs_steps, self.batch_size = n_obs_steps, batch_size
+        self.frames: dict[str, deque[np.ndarray]] = {}  # key -> To arrays [B, ...], oldest first
+
+    def push(self, obs: dict[str, np.ndarray]) -> None:
+        """Append the latest observation ``{key: [B, ...]}`` (validated before any state changes)."""
+        if not obs:
+            raise ValueError("obs must be a non-empty dict of arrays [B, ...], got an empty dict")
+        if self.frames and set(obs) != set(self.frames):
+            raise ValueError(f"obs keys must stay {sorted(self.frames)} within an episode, got {sorted(obs)}")
+        # Copy: vector envs may reuse their observation buffers between steps.
+        obs = {key: np.array(value) for key, value in obs.items()}
+        for key, value in obs.items():
+            if value.ndim < 1 or value.shape[0] != self.batch_size:
+                raise ValueError(f"obs[{key!r}] must have shape [B={self.batch_size}, ...], got shape {value.shape}")
+        for key, value in obs.items():
+            if key not in self.frames:
+                self.frames[key] = deque([value] * self.n_obs_steps, maxlen=self.n_obs_steps)
+            else:
+                self.frames[key].append(value)
+
+    def window(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """``{key: [B, To, ...]}`` float32 tensors, oldest first."""
+        if not self.frames:
+            raise ValueError("the observation history is empty: push an observation first")
+        return {
+            key: torch.as_tensor(np.stack(frames, axis=1), dtype=torch.float32, device=device)
+            for key, frames in self.frames.items()
+        }
+
+
 class ChunkExecutor:
     """Turns a chunk policy into a per-step controller for a batch of B environments.
 
     Without ensembling the policy is queried every `n_action_steps` steps and its actions
     `chunk[:, offset : offset + n_action_steps]` are executed in order.
+
+    A policy with `correct_action(obs_window, action)` (a ``CorrectedPolicy``, e.g. a residual RL adapter) has its
+    `base_action_chunk` queued instead, and every executed action is corrected with the observation window of the
+    step that executes it (after ensembling, before snapping).
 
     With `temporal_ensemble=k` (ACT, Zhao et al. 2023, Sec. 3.3) the policy is queried every step; a
     chunk predicted at step s provides actions for steps s .. s + n_action_steps - 1, and the action executed
@@ -97,7 +149,7 @@ class ChunkExecutor:
         """Forget history and queued actions; the next `act` starts new episodes for `batch_size` envs."""
         check_int("batch_size", batch_size, 1)
         self.batch_size = batch_size
-        self._history: dict[str, deque[np.ndarray]] = {}  # key -> To arrays [B, ...], oldest first
+        self._history = ObsHistory(self.n_obs_steps, batch_size)
         self._queue: deque[np.ndarray] = deque()  # [B, Da] actions for the coming steps
         self._chunks: deque[tuple[int, np.ndarray]] = deque()  # (step predicted, [B, Ta, Da]) for ensembling
         self._t = 0
@@ -114,7 +166,16 @@ class ChunkExecutor:
         else:
             action = self._ensembled_action()
         self._t += 1
-        return self._snap(action)
+        return self._snap(self._correct(action))
+
+    def _correct(self, action: np.ndarray) -> np.ndarray:
+        """Per-step correction ``[B, Da] -> [B, Da]`` of a ``CorrectedPolicy``; other policies pass through."""
+        correct = getattr(self.policy, "correct_action", None)
+        if correct is None:
+            return action
+        with torch.no_grad():
+            out = correct(self._obs_window(), torch.as_tensor(action, device=self.device))
+        return out.detach().to("cpu", torch.float32).numpy()
 
     def _snap(self, action: np.ndarray) -> np.ndarray:
         """Discrete dimensions of ``action [B, Da]`` -> the nearest of ``snap_values`` (ties: the first listed)."""
@@ -130,32 +191,16 @@ class ChunkExecutor:
         return action
 
     def _append(self, obs: dict[str, np.ndarray]) -> None:
-        if not obs:
-            raise ValueError("obs must be a non-empty dict of arrays [B, ...], got an empty dict")
-        if self._history and set(obs) != set(self._history):
-            raise ValueError(f"obs keys must stay {sorted(self._history)} within an episode, got {sorted(obs)}")
-        # Copy: vector envs may reuse their observation buffers between steps.
-        obs = {key: np.array(value) for key, value in obs.items()}
-        for key, value in obs.items():  # validate everything before changing any state
-            if value.ndim < 1 or value.shape[0] != self.batch_size:
-                raise ValueError(f"obs[{key!r}] must have shape [B={self.batch_size}, ...], got shape {value.shape}")
-        for key, value in obs.items():
-            if key not in self._history:
-                # First step of an episode: pad the history by repeating the first observation, as Diffusion
-                # Policy's MultiStepWrapper does, so the policy always sees To frames.
-                self._history[key] = deque([value] * self.n_obs_steps, maxlen=self.n_obs_steps)
-            else:
-                self._history[key].append(value)
+        self._history.push(obs)
 
     def _obs_window(self) -> dict[str, torch.Tensor]:
-        return {
-            key: torch.as_tensor(np.stack(frames, axis=1), dtype=torch.float32, device=self.device)
-            for key, frames in self._history.items()
-        }  # key -> [B, To, ...]
+        return self._history.window(self.device)
 
     def _query(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The policy's chunk ``[B, H, Da]`` for the observation window."""
-        return self.policy.predict_action_chunk(obs)
+        """The policy's chunk ``[B, H, Da]`` for the observation window (a ``CorrectedPolicy``'s base chunk, which
+        ``act`` corrects step by step)."""
+        base_chunk = getattr(self.policy, "base_action_chunk", None)
+        return base_chunk(obs) if base_chunk is not None else self.policy.predict_action_chunk(obs)
 
     def _predict(self) -> np.ndarray:
         """Query the policy on the history; returns the executable actions [B, Ta, Da]."""

@@ -1,14 +1,22 @@
-"""Policy registry: ``@register_policy("name")`` on a config dataclass; build by name or from a checkpoint."""
+"""Policy registry: ``@register_policy("name")`` on a config dataclass; build by name or from a checkpoint.
+
+Policy types defined outside ``policies`` (the RL adapters of ``rl``, which import ``policies`` and so cannot be
+imported by it) are declared as ``robodiff.policies`` entry points in ``pyproject.toml`` (name -> module); the
+module is imported, and registers itself, the first time its name is asked for.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
+from importlib import import_module
+from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
 from policies.base import Policy, PolicyConfig
 
 _REGISTRY: dict[str, type[PolicyConfig]] = {}
+ENTRY_POINT_GROUP = "robodiff.policies"
 C = TypeVar("C", bound=type[PolicyConfig])
 
 
@@ -29,7 +37,15 @@ def policy_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def plugin_names() -> list[str]:
+    """Policy types declared as entry points (registered once their module is imported)."""
+    return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+
 def config_class(name: str) -> type[PolicyConfig]:
+    if name not in _REGISTRY:
+        for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
+            import_module(ep.value)
     if name not in _REGISTRY:
         raise ValueError(f"unknown policy '{name}'; registered policies: {policy_names()}")
     return _REGISTRY[name]

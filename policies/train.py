@@ -116,23 +116,25 @@ def _cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
 
 
 # -- resume state without pickle -----------------------------------------------------------------------------
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def flatten_optimizer(opt: torch.optim.Optimizer, prefix: str = "optim") -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state as ``({prefix.idx.key: tensor}, json-able meta)`` for safetensors + JSON."""
     sd = opt.state_dict()
     tensors, plain = {}, {}
     for idx, state in sd["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{prefix}.{idx}.{key}"] = value.detach().cpu().contiguous().clone()
             else:
                 plain[f"{idx}.{key}"] = value
     return tensors, {"param_groups": sd["param_groups"], "state": plain}
 
 
-def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], meta: Mapping) -> dict:
+def unflatten_optimizer(tensors: Mapping[str, torch.Tensor], meta: Mapping, prefix: str = "optim") -> dict:
+    """Inverse of ``flatten_optimizer``: a state dict for ``optimizer.load_state_dict``."""
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, idx, key = name.split(".", 2)
+        if name.startswith(prefix + "."):
+            idx, key = name[len(prefix) + 1 :].split(".", 1)
             state.setdefault(int(idx), {})[key] = value
     for name, value in meta["state"].items():
         idx, key = name.split(".", 1)
@@ -140,7 +142,7 @@ def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], meta: Mapping) -> 
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     np_state = np.random.get_state()
     tensors = {"rng.torch": torch.get_rng_state(), "rng.numpy": torch.from_numpy(np_state[1].astype(np.int64))}
     py_version, py_state, py_gauss = random.getstate()
@@ -151,7 +153,7 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def _set_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
+def set_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
     torch.set_rng_state(tensors["rng.torch"])
     name, pos, has_gauss, cached = meta["numpy"]
     np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -218,8 +220,8 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------------------
     def save(self) -> Path:
         tensors = {f"model.{k}": v for k, v in policy_state(self.policy).items()}
-        opt_tensors, opt_meta = _flatten_optimizer(self.optimizer)
-        rng_tensors, rng_meta = _rng_state()
+        opt_tensors, opt_meta = flatten_optimizer(self.optimizer)
+        rng_tensors, rng_meta = rng_state()
         meta = {
             "step": self.step,
             "best_score": self.best_score if math.isfinite(self.best_score) else None,
@@ -252,9 +254,9 @@ class Trainer:
         tensors = load_state(checkpoint_dir / STATE_TENSORS)
         self.policy.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.ema.model.load_state_dict(load_state(checkpoint_dir / MODEL_FILE))
-        self.optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+        self.optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
         self.scheduler.load_state_dict(meta["scheduler"])
-        _set_rng_state(tensors, meta["rng"])
+        set_rng_state(tensors, meta["rng"])
         self.step = int(meta["step"])
         self.best_score = -math.inf if meta["best_score"] is None else float(meta["best_score"])
 

@@ -115,6 +115,7 @@ def test_list_shows_tasks_policies_and_executors():
     assert {"pusht_state", "pusht_image", "chunk", "ensemble", "rti", "streaming", "async"} <= names
     family = {"diffusion_unet", "diffusion_transformer", "flow_unet", "mode", "streaming", "meanflow", "ofql"}
     assert family <= names, family - names
+    assert {"residual_ppo", "residual_sac", "dsrl", "dsrl_na", "world_model"} <= names  # RL methods
 
 
 @pytest.mark.parametrize(
