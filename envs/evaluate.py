@@ -56,7 +56,8 @@ def _default_n_envs(n_episodes: int) -> int:
     return max(1, min(n_episodes, MAX_DEFAULT_ENVS))
 
 
-def _make_envs(n_envs: int, obs_mode: str, max_steps: int) -> gym.vector.VectorEnv:
+def make_vector_envs(n_envs: int, obs_mode: str, max_steps: int) -> gym.vector.VectorEnv:
+    """``n_envs`` Push-T envs for lockstep rounds (evaluation here, RL rollouts in ``rl.env_loop``)."""
     env_fn = functools.partial(PushTEnv, obs_mode=obs_mode, max_steps=max_steps)
     # NEXT_STEP autoreset: a finished env is reset on the following step; its results are already recorded
     # and it is ignored until the round ends, so every env of a round can keep stepping in lockstep.
@@ -110,7 +111,7 @@ def evaluate(
     lengths = np.zeros(n_episodes, dtype=np.int64)
     n_video = min(n_video_episodes, n_episodes) if video_path is not None else 0
     frames: list[list[np.ndarray]] = [[] for _ in range(n_video)]  # episode -> frames
-    envs = _make_envs(n_envs, obs_mode, max_steps)
+    envs = make_vector_envs(n_envs, obs_mode, max_steps)
     bar = tqdm(total=n_episodes, desc="eval", unit="episode", disable=not progress)
     try:
         for first in range(0, n_episodes, n_envs):

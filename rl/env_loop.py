@@ -18,15 +18,13 @@ Only steps of live episodes count in ``env_steps``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import gymnasium as gym
 import numpy as np
 import torch
-from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 
+from envs.evaluate import make_vector_envs
 from envs.executor import ObsHistory, check_int
-from envs.pusht import OBS_MODES, PushTEnv
+from envs.pusht import OBS_MODES
 
 REWARDS = ("dense", "sparse")
 TRAIN_SEED_STRIDE = 1_000_000
@@ -84,14 +82,8 @@ class EnvLoop:
         check_int("max_steps", max_steps, 1)
         check_int("seed", seed, 0)
         self.n_envs, self.n_obs_steps, self.reward, self.device = n_envs, n_obs_steps, reward, torch.device(device)
-        env_fn = functools.partial(PushTEnv, obs_mode=obs_mode, max_steps=max_steps)
-        # NEXT_STEP autoreset: an env whose episode ended resets on the following step; it is ignored (not live)
-        # until the round ends, so the round's envs keep stepping together.
-        self.envs: gym.vector.VectorEnv = (
-            SyncVectorEnv([env_fn], autoreset_mode=AutoresetMode.NEXT_STEP)
-            if n_envs == 1
-            else AsyncVectorEnv([env_fn] * n_envs, context="fork", autoreset_mode=AutoresetMode.NEXT_STEP)
-        )
+        # Ended envs autoreset on the next step and are ignored (not live) until the round ends.
+        self.envs = make_vector_envs(n_envs, obs_mode, max_steps)
         self.first_seed = TRAIN_SEED_STRIDE * (seed + 1)
         self.next_episode = 0  # episodes started so far (the next seed's offset); saved for resume
         self.env_steps = 0
