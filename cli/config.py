@@ -130,10 +130,51 @@ class AdaptRunConfig:
     resume: str | None = None  # a run directory of `robodiff adapt`
     device: str = "cpu"
     video: bool = False  # rollout videos of the evaluations
+    threads: int = 0  # torch intra-op threads; 0: every available core (1 is faster when other jobs share the CPU)
 
     def __post_init__(self) -> None:
         if self.logger not in ("wandb", "none"):
             raise ValueError(f"logger must be 'wandb' or 'none', got '{self.logger}'")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: all available cores), got {self.threads}")
+
+
+@dataclasses.dataclass
+class ComposeSearchConfig:
+    seeds: str = "0:50"  # validation seeds "start:stop" (Push-T training-range seeds; disjoint from eval.seeds)
+    step: float = 0.1  # two parents: the weight grid 0, 0.1, ..., 1
+    coarse_step: float = 0.25  # three or more: the first simplex lattice, then refined
+    rounds: int = 2  # refinements (halving the step around the best point)
+
+
+@dataclasses.dataclass
+class ComposeEvalConfig:
+    seeds: str = "100000:100050"  # held-out seeds for the report (Diffusion Policy's Push-T test seeds)
+
+
+@dataclasses.dataclass
+class ComposeRunConfig:
+    parents: list[str] = MISSING  # parent checkpoint directories
+    weights: list[float] | None = None  # given: no search, report these
+    operator: str = "convex"  # convex | product | mixture (deploy.compose)
+    search: ComposeSearchConfig = dataclasses.field(default_factory=ComposeSearchConfig)
+    eval: ComposeEvalConfig = dataclasses.field(default_factory=ComposeEvalConfig)
+    sampler: str | None = None  # None: parent 0's
+    num_inference_steps: int | None = None  # None: parent 0's
+    n_action_steps: int | None = None  # None: parent 0's
+    n_envs: int | None = None  # simulator processes per evaluation (None: min(episodes, 25))
+    max_steps: int = 300
+    latency_reps: int = 20  # chunk-latency measurement: timed calls per policy (batch 1)
+    run_dir: str | None = None
+    name: str | None = None
+    device: str = "cpu"
+    threads: int = 0  # torch threads; 0: all available cores
+
+    def __post_init__(self) -> None:
+        if len(self.parents) < 2:
+            raise ValueError(f"parents must list at least 2 checkpoints, got {list(self.parents)}")
+        if self.threads < 0 or self.latency_reps < 1 or self.max_steps < 1:
+            raise ValueError("threads must be >= 0, latency_reps >= 1 and max_steps >= 1")
 
 
 def register_configs() -> None:
@@ -153,6 +194,7 @@ def register_configs() -> None:
     for name in policy_names():
         cs.store(group="policy", name=f"{name}_schema", node=config_class(name))
     cs.store(name="adapt_schema", node=AdaptRunConfig)
+    cs.store(name="compose_schema", node=ComposeRunConfig)
     cs.store(group="loop", name="adapt_loop_schema", node=AdaptLoopConfig)
     import_methods()
     for name in method_names():

@@ -1,4 +1,4 @@
-"""``robodiff`` console script: ``train``, ``eval``, ``deploy`` and ``list``.
+"""``robodiff`` console script: ``train``, ``eval``, ``deploy``, ``adapt``, ``compose`` and ``list``.
 
 Arguments after the command are Hydra overrides (``task=pusht_state train.steps=1500``), composed with Hydra's
 compose API and converted once into the typed dataclasses of ``cli.config``; modules below never see a
@@ -25,6 +25,8 @@ commands:
           robodiff deploy checkpoint=<dir> robot=sim_pusht executor=rti n_episodes=5
   adapt   adapt a frozen policy by RL:
           robodiff adapt method=dsrl base=<checkpoint> task=pusht_state loop.total_env_steps=100000
+  compose compose trained policies at test time (weights searched on validation seeds):
+          robodiff compose parents=[<ckpt>,<ckpt>] search.seeds=0:50 eval.seeds=100000:100050
   list    show registered tasks, policies, executors and RL methods
 """
 
@@ -360,7 +362,7 @@ def cmd_adapt(overrides: Sequence[str]) -> dict:
         "loop": _jsonable(cfg.loop),
     }
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
-    torch.set_num_threads(available_cores())
+    torch.set_num_threads(cfg.threads or available_cores())
     print(f"run_dir: {run_dir}\nmethod: {cfg.rl.type}, base: {base}, task: {cfg.task.name}", flush=True)
     logger = MetricsLogger(run_dir, cfg.logger, resolved, run_dir.name, bool(resume_arg))
     try:
@@ -387,6 +389,109 @@ def cmd_adapt(overrides: Sequence[str]) -> dict:
     return summary
 
 
+def _run_name(path: Path) -> str:
+    in_run = path.name in ("latest", "best") and path.parent.name == "checkpoints"
+    return path.parent.parent.name if in_run else path.name
+
+
+def chunk_latency(policy: Any, obs: dict, reps: int) -> float:
+    """Median seconds per ``predict_action_chunk`` call on ``obs`` (after one warm-up call)."""
+    import time
+
+    import numpy as np
+
+    policy.predict_action_chunk(obs)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        policy.predict_action_chunk(obs)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def cmd_compose(overrides: Sequence[str]) -> dict:
+    import torch
+
+    from deploy.compose import load_parents
+    from deploy.weight_search import compose_and_search, format_table, parse_seeds, plot_search, save_search
+    from envs.evaluate import evaluate
+    from envs.pusht import obs_mode_for
+    from policies.checkpoint import save_checkpoint
+    from policies.train import available_cores
+
+    cfg = compose("compose", overrides)
+    torch.set_num_threads(cfg.threads or available_cores())
+    try:
+        search_seeds = parse_seeds(cfg.search.seeds, "search.seeds")
+        eval_seeds = parse_seeds(cfg.eval.seeds, "eval.seeds")
+        parents = load_parents([str(Path(p).expanduser()) for p in cfg.parents], device=cfg.device)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from err
+    # "0:base", "1:parent_b": a checkpoints/latest directory is named by its run
+    names = [f"{i}:{_run_name(Path(p))}" for i, p in enumerate(cfg.parents)]
+    run_dir = _prepare_run_dir(cfg, "compose", None, [], overrides)
+
+    def rollout(policy: Any, seeds: range) -> Any:
+        return evaluate(
+            policy,
+            obs_mode=obs_mode_for(policy.shape_meta["obs"]),
+            n_episodes=len(seeds),
+            seed_start=seeds.start,
+            n_envs=cfg.n_envs,
+            max_steps=cfg.max_steps,
+            n_obs_steps=policy.config.n_obs_steps,
+            n_action_steps=policy.config.n_action_steps,
+            progress=False,
+            device=cfg.device,
+        )
+
+    print(f"run_dir: {run_dir}\nparents: {list(cfg.parents)}", flush=True)
+    try:
+        composed, search, report = compose_and_search(
+            parents,
+            rollout,
+            search_seeds,
+            eval_seeds,
+            weights=cfg.weights,
+            operator=cfg.operator,
+            step=cfg.search.step,
+            coarse_step=cfg.search.coarse_step,
+            rounds=cfg.search.rounds,
+            sampler=cfg.sampler,
+            num_inference_steps=cfg.num_inference_steps,
+            n_action_steps=cfg.n_action_steps,
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if search is not None:
+        save_search(search, run_dir / "search.json")
+        plot_search(search, run_dir / "weight_curve.png", names, f"composition of {' + '.join(names)}")
+        print(format_table(search, names), flush=True)
+    obs = {k: torch.rand(1, composed.config.n_obs_steps, *shape) for k, shape in composed.shape_meta["obs"].items()}
+    obs = {k: v * 512 if len(v.shape) == 3 else v for k, v in obs.items()}  # low-dim keys in pixels, images [0, 1]
+    parent_s = [chunk_latency(p, {k: obs[k] for k in p.shape_meta["obs"]}, cfg.latency_reps) for p in parents]
+    composed_s = chunk_latency(composed, obs, cfg.latency_reps)
+    report["latency_per_chunk_s"] = {"parents": parent_s, "composed": composed_s}
+    report["parents_checkpoints"] = [str(p) for p in cfg.parents]
+    task = {"name": f"pusht_{obs_mode_for(composed.shape_meta['obs'])}", "max_steps": cfg.max_steps}
+    save_checkpoint(composed, run_dir / "checkpoint", extra_config={"task": task})
+    report["checkpoint"] = str(run_dir / "checkpoint")
+    (run_dir / "summary.json").write_text(json.dumps(report, indent=2))
+    lines = [f"held-out seeds {eval_seeds.start}:{eval_seeds.stop} ({len(eval_seeds)} episodes):"]
+    for name, r, t in zip(names, report["parents"], parent_s, strict=True):
+        lines.append(
+            f"  parent {name}: score {r['score']:.3f}, success {r['success_rate']:.0%}, {t * 1e3:.1f} ms/chunk"
+        )
+    c = report["composed"]
+    lines.append(
+        f"  composed {report['operator']} w={[round(w, 3) for w in report['weights']]}: score {c['score']:.3f}, "
+        f"success {c['success_rate']:.0%}, {composed_s * 1e3:.1f} ms/chunk "
+        f"({report['composed_minus_best_parent']:+.3f} vs the better parent)"
+    )
+    print("\n".join(lines), flush=True)
+    return {"run_dir": str(run_dir), **report}
+
+
 def cmd_list(_: Sequence[str]) -> dict:
     from deploy.run import DEPLOY_EXECUTORS
     from envs.tasks import task_names
@@ -405,7 +510,14 @@ def cmd_list(_: Sequence[str]) -> dict:
     return listing
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "deploy": cmd_deploy, "adapt": cmd_adapt, "list": cmd_list}
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "deploy": cmd_deploy,
+    "adapt": cmd_adapt,
+    "compose": cmd_compose,
+    "list": cmd_list,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,7 @@ This module must not import torch: it runs inside vector-env worker processes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import gymnasium as gym
@@ -40,7 +41,18 @@ BLOCK_KEYPOINTS_LOCAL = np.array(
 )
 SUCCESS_COVERAGE = 0.95  # Diffusion Policy: the episode ends and counts as a success above 95% goal coverage
 WORKSPACE = 512.0  # side of the square workspace, pixels
-OBS_MODES = ("state", "image")
+# "state_image": both observations at once, for a test-time composition of state and image policies
+OBS_MODES = ("state", "image", "state_image")
+OBS_KEYS = {"state": ("state",), "image": ("agent_pos", "image"), "state_image": ("agent_pos", "image", "state")}
+
+
+def obs_mode_for(keys: Iterable[str]) -> str:
+    """The observation mode that provides exactly ``keys`` (e.g. a composition's union of its parents' keys)."""
+    wanted = tuple(sorted(keys))
+    for mode, provided in OBS_KEYS.items():
+        if wanted == provided:
+            return mode
+    raise ValueError(f"no Push-T observation mode provides exactly the keys {list(wanted)}; modes: {OBS_KEYS}")
 
 
 def block_keypoints(state: np.ndarray) -> np.ndarray:
@@ -114,7 +126,8 @@ class PushTEnv(gym.Env):
     """Push-T at 10 Hz. Action: target agent position [2] in pixels. Observations are float32:
 
     - obs_mode="state": {"state": [20]} = 9 block keypoints flattened (x0, y0, x1, y1, ...) then agent x, y;
-    - obs_mode="image": {"image": [3, render_size, render_size] in [0, 1], "agent_pos": [2]}.
+    - obs_mode="image": {"image": [3, render_size, render_size] in [0, 1], "agent_pos": [2]};
+    - obs_mode="state_image": both dicts' keys.
 
     reward = clip(coverage / 0.95, 0, 1); terminated when coverage > 0.95; truncated after `max_steps` steps.
     """
@@ -146,13 +159,10 @@ class PushTEnv(gym.Env):
             visualization_height=video_size,
         )
         pos = spaces.Box(0.0, WORKSPACE, shape=(2,), dtype=np.float32)
-        if obs_mode == "state":
-            self.observation_space = spaces.Dict(
-                {"state": spaces.Box(0.0, WORKSPACE, shape=(2 * len(BLOCK_KEYPOINTS_LOCAL) + 2,), dtype=np.float32)}
-            )
-        else:
-            image = spaces.Box(0.0, 1.0, shape=(3, render_size, render_size), dtype=np.float32)
-            self.observation_space = spaces.Dict({"image": image, "agent_pos": pos})
+        state = spaces.Box(0.0, WORKSPACE, shape=(2 * len(BLOCK_KEYPOINTS_LOCAL) + 2,), dtype=np.float32)
+        image = spaces.Box(0.0, 1.0, shape=(3, render_size, render_size), dtype=np.float32)
+        boxes = {"state": state, "image": image, "agent_pos": pos}
+        self.observation_space = spaces.Dict({k: boxes[k] for k in OBS_KEYS[obs_mode]})
         self.action_space = spaces.Box(0.0, WORKSPACE, shape=(2,), dtype=np.float32)
         self._n_steps = 0
 
@@ -245,11 +255,14 @@ class PushTEnv(gym.Env):
 
     def _get_obs(self) -> dict[str, np.ndarray]:
         agent_pos = np.asarray(self._inner.agent.position, dtype=np.float32)
-        if self.obs_mode == "state":
+        obs = {}
+        if "state" in OBS_KEYS[self.obs_mode]:
             keypoints = block_keypoints(self.get_state()).reshape(-1)
-            return {"state": np.concatenate([keypoints, agent_pos]).astype(np.float32)}
-        image = self._inner._render(visualize=False)  # [H, W, 3] uint8, no action marker
-        return {"image": np.moveaxis(image, -1, 0).astype(np.float32) / 255.0, "agent_pos": agent_pos}
+            obs["state"] = np.concatenate([keypoints, agent_pos]).astype(np.float32)
+        if "image" in OBS_KEYS[self.obs_mode]:
+            image = self._inner._render(visualize=False)  # [H, W, 3] uint8, no action marker
+            obs.update(image=np.moveaxis(image, -1, 0).astype(np.float32) / 255.0, agent_pos=agent_pos)
+        return obs
 
     def render(self) -> np.ndarray:
         """RGB uint8 frame [video_size, video_size, 3] with the last action marked, for videos."""

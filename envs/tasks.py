@@ -131,5 +131,22 @@ class PushTTask:
         )
 
 
+class PushTStateImageTask(PushTTask):
+    """Push-T observed through both the keypoint state and the camera: for evaluating a test-time composition of a
+    state policy and an image policy (``deploy.compose``); no policy is trained on it."""
+
+    def __init__(self, config: TaskConfig) -> None:
+        self.config, self.obs_mode = config, "state_image"
+        state, image = shape_meta("state"), shape_meta("image")
+        self.shape_meta = {"obs": {**state["obs"], **image["obs"]}, "action": state["action"]}
+
+    def datasets(self, *args: Any, **kwargs: Any) -> tuple[SequenceDataset, SequenceDataset]:
+        raise ValueError(
+            "pusht_state_image only evaluates compositions of state and image policies; train on pusht_state or "
+            "pusht_image"
+        )
+
+
 register_task("pusht_state", lambda cfg: PushTTask(cfg, "state"))
 register_task("pusht_image", lambda cfg: PushTTask(cfg, "image"))
+register_task("pusht_state_image", PushTStateImageTask)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -75,18 +75,29 @@ class DDPMPolicy(Policy):
         loss = F.mse_loss(pred, noise)
         return loss, {"loss": loss.detach()}
 
-    def _sample(
-        self, cond: torch.Tensor, x_init: torch.Tensor, start_t: int, num_steps: int, generator: torch.Generator | None
+    def sample_with(
+        self,
+        eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        x_init: torch.Tensor,
+        start_t: int,
+        num_steps: int,
+        generator: torch.Generator | None,
+        sampler: str | None = None,
     ) -> torch.Tensor:
-        """``x_init: [B, H, Da]`` normalized at level ``start_t`` -> clean normalized actions ``[B, H, Da]``.
+        """``x_init: [B, H, Da]`` normalized at level ``start_t`` -> clean normalized actions ``[B, H, Da]``, every
+        step driven by ``eps_fn(x_t, t) -> epsilon`` (this policy's network, or a test-time composition of several
+        networks on this schedule, ``deploy.compose``). ``sampler``: "ddpm" or "ddim" (None: the config's).
 
         DDPM = ancestral posterior q(x_k' | x_k, x0_hat) between the listed levels, which is the DDIM update with
         eta=1 (Song et al. 2021, eq. 16); with all K levels it is Ho et al.'s sampler."""
+        sampler = sampler or self.config.sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         x0 = self.schedule.sample(
-            lambda x, t: self.denoise(x, t, cond),
+            eps_fn,
             x_init,
             self.schedule.timesteps(num_steps, start_t),
-            eta=1.0 if self.config.sampler == "ddpm" else 0.0,
+            eta=1.0 if sampler == "ddpm" else 0.0,
             generator=generator,
         )
         if self.config.clip_sample and self.config.action_scale is not None:
@@ -94,6 +105,12 @@ class DDPMPolicy(Policy):
             bound = torch.as_tensor(self.config.action_scale, dtype=x0.dtype, device=x0.device)
             x0 = torch.maximum(torch.minimum(x0, bound), -bound)
         return x0
+
+    def _sample(
+        self, cond: torch.Tensor, x_init: torch.Tensor, start_t: int, num_steps: int, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """``sample_with`` driven by this policy's own denoiser under conditioning ``cond``."""
+        return self.sample_with(lambda x, t: self.denoise(x, t, cond), x_init, start_t, num_steps, generator)
 
     @torch.no_grad()
     def predict_action_chunk(

@@ -144,8 +144,20 @@ class FlowUnetPolicy(UnetFlowPolicy):
 
     def _integrate(self, cond: torch.Tensor, x_t: torch.Tensor, start: float, num_steps: int) -> torch.Tensor:
         """``x_t: [B, H, Da]`` normalized at flow time ``start`` -> ``num_steps`` ODE steps to t = 0 -> [B, H, Da]."""
+        return self.integrate_with(lambda x, t: self.denoise(x, t, cond), x_t, start, num_steps)
+
+    def integrate_with(
+        self,
+        velocity_fn: flow.VelocityFn,
+        x_t: torch.Tensor,
+        start: float,
+        num_steps: int,
+        sampler: str | None = None,
+    ) -> torch.Tensor:
+        """``_integrate`` driven by any ``velocity_fn(x_t, t)`` on this policy's flow path (its own network, or a
+        test-time composition of several, ``deploy.compose``); ``sampler`` None: the config's."""
         grid = flow.time_grid(num_steps, x_t.device, start=start)
-        return self.clip(flow.integrate(lambda x, t: self.denoise(x, t, cond), x_t, grid, self.config.sampler))
+        return self.clip(flow.integrate(velocity_fn, x_t, grid, sampler or self.config.sampler))
 
     @torch.no_grad()
     def refine_action_chunk(

@@ -7,7 +7,15 @@ import pytest
 import zarr
 
 from data.pusht import resolve_pusht_path
-from envs.pusht import BLOCK_KEYPOINTS_LOCAL, PushTEnv, block_keypoints, coverage, initial_state, reward_from_coverage
+from envs.pusht import (
+    BLOCK_KEYPOINTS_LOCAL,
+    PushTEnv,
+    block_keypoints,
+    coverage,
+    initial_state,
+    obs_mode_for,
+    reward_from_coverage,
+)
 
 BLOCK_COG = np.array([0.0, 45.0])  # centre of gravity of gym-pusht's T in the block frame
 # Diffusion Policy's initial state for test seed 100000 (RandomState recipe), written out as a golden value.
@@ -129,6 +137,21 @@ def test_image_observation_matches_dataset_render(demos: dict[str, np.ndarray]) 
     assert obs["image"].shape == (3, 96, 96)
 
 
+def test_state_image_mode_gives_both_observations() -> None:
+    """The mode a composition of a state and an image policy runs in: each key equals its single-mode value."""
+    both, state, image = (PushTEnv(obs_mode=m) for m in ("state_image", "state", "image"))
+    obs = [env.reset(seed=3)[0] for env in (both, state, image)]
+    action = np.array([200.0, 300.0])
+    obs = [env.step(action)[0] for env in (both, state, image)]
+    assert set(obs[0]) == {"state", "image", "agent_pos"} and both.observation_space.contains(obs[0])
+    np.testing.assert_array_equal(obs[0]["state"], obs[1]["state"])
+    np.testing.assert_array_equal(obs[0]["image"], obs[2]["image"])
+    np.testing.assert_array_equal(obs[0]["agent_pos"], obs[2]["agent_pos"])
+    assert obs_mode_for(["image", "state", "agent_pos"]) == "state_image" and obs_mode_for(["state"]) == "state"
+    with pytest.raises(ValueError, match=r"no Push-T observation mode provides exactly the keys \['image'\]"):
+        obs_mode_for(["image"])
+
+
 def test_render_for_video() -> None:
     env = PushTEnv(video_size=128)
     env.reset(seed=0)
@@ -138,7 +161,7 @@ def test_render_for_video() -> None:
 
 
 def test_bad_inputs_raise_clear_errors() -> None:
-    with pytest.raises(ValueError, match=r"obs_mode must be one of \('state', 'image'\), got 'pixels'"):
+    with pytest.raises(ValueError, match=r"obs_mode must be one of \('state', 'image', 'state_image'\), got 'pixels'"):
         PushTEnv(obs_mode="pixels")
     with pytest.raises(ValueError, match="max_steps must be a positive int, got 0"):
         PushTEnv(max_steps=0)
