@@ -145,11 +145,13 @@ class ComposeSearchConfig:
     step: float = 0.1  # two parents: the weight grid 0, 0.1, ..., 1
     coarse_step: float = 0.25  # three or more: the first simplex lattice, then refined
     rounds: int = 2  # refinements (halving the step around the best point)
+    noise_seeds: int = 1  # rollouts per candidate, sampling noise seeded noise_seed, noise_seed + 1, ...
 
 
 @dataclasses.dataclass
 class ComposeEvalConfig:
     seeds: str = "100000:100050"  # held-out seeds for the report (Diffusion Policy's Push-T test seeds)
+    noise_seeds: int = 1  # held-out rollouts per policy, averaged (different sampling-noise seeds)
 
 
 @dataclasses.dataclass
@@ -165,6 +167,7 @@ class ComposeRunConfig:
     n_envs: int | None = None  # simulator processes per evaluation (None: min(episodes, 25))
     max_steps: int = 300
     latency_reps: int = 20  # chunk-latency measurement: timed calls per policy (batch 1)
+    noise_seed: int = 0  # torch is seeded with it before every rollout: the same noise draws for every candidate
     run_dir: str | None = None
     name: str | None = None
     device: str = "cpu"
@@ -175,6 +178,8 @@ class ComposeRunConfig:
             raise ValueError(f"parents must list at least 2 checkpoints, got {list(self.parents)}")
         if self.threads < 0 or self.latency_reps < 1 or self.max_steps < 1:
             raise ValueError("threads must be >= 0, latency_reps >= 1 and max_steps >= 1")
+        if self.search.noise_seeds < 1 or self.eval.noise_seeds < 1:
+            raise ValueError("search.noise_seeds and eval.noise_seeds must be >= 1")
 
 
 def register_configs() -> None:

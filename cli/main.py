@@ -413,7 +413,14 @@ def cmd_compose(overrides: Sequence[str]) -> dict:
     import torch
 
     from deploy.compose import load_parents
-    from deploy.weight_search import compose_and_search, format_table, parse_seeds, plot_search, save_search
+    from deploy.weight_search import (
+        compose_and_search,
+        format_table,
+        parse_seeds,
+        plot_search,
+        repeated,
+        save_search,
+    )
     from envs.evaluate import evaluate
     from envs.pusht import obs_mode_for
     from policies.checkpoint import save_checkpoint
@@ -445,11 +452,14 @@ def cmd_compose(overrides: Sequence[str]) -> dict:
             device=cfg.device,
         )
 
+    def noise_seeds(n: int) -> list[int]:
+        return list(range(cfg.noise_seed, cfg.noise_seed + n))
+
     print(f"run_dir: {run_dir}\nparents: {list(cfg.parents)}", flush=True)
     try:
         composed, search, report = compose_and_search(
             parents,
-            rollout,
+            repeated(rollout, noise_seeds(cfg.search.noise_seeds), torch.manual_seed),
             search_seeds,
             eval_seeds,
             weights=cfg.weights,
@@ -460,6 +470,7 @@ def cmd_compose(overrides: Sequence[str]) -> dict:
             sampler=cfg.sampler,
             num_inference_steps=cfg.num_inference_steps,
             n_action_steps=cfg.n_action_steps,
+            eval_rollout=repeated(rollout, noise_seeds(cfg.eval.noise_seeds), torch.manual_seed),
         )
     except ValueError as err:
         raise UsageError(str(err)) from err
@@ -477,7 +488,10 @@ def cmd_compose(overrides: Sequence[str]) -> dict:
     save_checkpoint(composed, run_dir / "checkpoint", extra_config={"task": task})
     report["checkpoint"] = str(run_dir / "checkpoint")
     (run_dir / "summary.json").write_text(json.dumps(report, indent=2))
-    lines = [f"held-out seeds {eval_seeds.start}:{eval_seeds.stop} ({len(eval_seeds)} episodes):"]
+    lines = [
+        f"held-out seeds {eval_seeds.start}:{eval_seeds.stop} ({len(eval_seeds)} episodes, mean over "
+        f"{cfg.eval.noise_seeds} sampling-noise seed(s)):"
+    ]
     for name, r, t in zip(names, report["parents"], parent_s, strict=True):
         lines.append(
             f"  parent {name}: score {r['score']:.3f}, success {r['success_rate']:.0%}, {t * 1e3:.1f} ms/chunk"

@@ -213,10 +213,12 @@ def compose_and_search(
     coarse_step: float = 0.25,
     rounds: int = 2,
     progress: bool = True,
+    eval_rollout: Rollout | None = None,
     **compose_options: Any,
 ) -> tuple[Any, SearchResult | None, dict[str, Any]]:
     """Compose ``parents``, search the weights on ``search_seeds`` (unless ``weights`` are given) and report the
     parents and the chosen composition on the held-out ``eval_seeds``, which the search never rolls out.
+    ``eval_rollout`` (default ``rollout``) runs the held-out report, e.g. averaged over more sampling-noise seeds.
 
     Returns (composed policy with the chosen weights, the search or None, the held-out report
     ``{"parents": [{score, success_rate}, ...], "composed": {...}, "weights": [...]}``)."""
@@ -237,15 +239,52 @@ def compose_and_search(
         search = search_weights(evaluate, n, step=step, coarse_step=coarse_step, rounds=rounds, progress=progress)
         weights = search.best.weights
     chosen = composed.with_weights(check_weights(weights, n, operator))
-    held_out = [rollout(p, eval_seeds) for p in parents] + [rollout(chosen, eval_seeds)]
+    eval_rollout = eval_rollout or rollout
+    held_out = [eval_rollout(p, eval_seeds) for p in parents] + [eval_rollout(chosen, eval_seeds)]
     report = {
         "weights": list(chosen.weights),
         "operator": operator,
         "eval_seeds": [eval_seeds.start, eval_seeds.stop],
         "search_seeds": [search_seeds.start, search_seeds.stop] if search is not None else None,
-        "parents": [{"score": r.score, "success_rate": r.success_rate} for r in held_out[:-1]],
-        "composed": {"score": held_out[-1].score, "success_rate": held_out[-1].success_rate},
+        "parents": [_summary(r) for r in held_out[:-1]],
+        "composed": _summary(held_out[-1]),
     }
     best_parent = max(report["parents"], key=lambda r: r["score"])["score"]
     report["composed_minus_best_parent"] = report["composed"]["score"] - best_parent
     return chosen, search, report
+
+
+def _summary(result: Any) -> dict[str, Any]:
+    out = {"score": result.score, "success_rate": result.success_rate}
+    if getattr(result, "runs", None):  # repeated over sampling-noise seeds
+        out["runs"] = result.runs
+    return out
+
+
+@dataclasses.dataclass
+class RepeatedResult:
+    """Mean of rollouts repeated with different sampling-noise seeds; ``runs``: each one's score and success."""
+
+    score: float
+    success_rate: float
+    runs: list[dict[str, float]]
+
+
+def repeated(rollout: Rollout, noise_seeds: Sequence[int], seed_fn: Callable[[int], None]) -> Rollout:
+    """A rollout that runs ``rollout`` once per noise seed (``seed_fn(seed)`` seeds the sampler first) and averages.
+
+    Seeding before every rollout also gives every candidate of a search the same noise draws (common random numbers:
+    two compositions of one parent set then differ by their weights, not by their luck)."""
+    if not noise_seeds:
+        raise ValueError("noise_seeds must name at least one seed")
+
+    def run(policy: Any, seeds: range) -> RepeatedResult:
+        runs = []
+        for s in noise_seeds:
+            seed_fn(s)
+            r = rollout(policy, seeds)
+            runs.append({"noise_seed": s, "score": float(r.score), "success_rate": float(r.success_rate)})
+        n = len(runs)
+        return RepeatedResult(sum(r["score"] for r in runs) / n, sum(r["success_rate"] for r in runs) / n, runs)
+
+    return run

@@ -17,9 +17,11 @@ from deploy.weight_search import (
     check_disjoint,
     compose_and_search,
     parse_seeds,
+    repeated,
     search_weights,
     simplex_grid,
 )
+from envs.evaluate import evaluate
 from envs.pusht import obs_mode_for
 from envs.tasks import TaskConfig, make_task
 from policies.checkpoint import load_policy, save_checkpoint
@@ -261,6 +263,53 @@ def test_compose_and_search_never_rolls_out_on_held_out_seeds():
     assert report["composed_minus_best_parent"] == pytest.approx(0.8 - max(0.8 - 0.36, 0.8 - 0.16))
     with pytest.raises(ValueError, match="overlap"):
         compose_and_search([a, b], rollout, range(0, 10), range(5, 15), progress=False)
+    # given weights: no search, only the held-out report
+    calls.clear()
+    chosen, search, report = compose_and_search(
+        [a, b], rollout, search_seeds, eval_seeds, weights=[1.0, 1.0], operator="product", progress=False
+    )
+    assert search is None and chosen.weights == (1.0, 1.0) and [c[1] for c in calls] == [eval_seeds] * 3
+    with pytest.raises(ValueError, match="give product weights explicitly"):
+        compose_and_search([a, b], rollout, search_seeds, eval_seeds, operator="product", progress=False)
+
+
+def test_seeded_rollouts_repeat_exactly_and_are_averaged():
+    """Seeding torch before each rollout makes a Push-T evaluation of a sampling policy reproducible (the search
+    compares every candidate on the same noise draws)."""
+    a = parent(seed=0)
+    seen = []
+
+    class Recording:  # the policy, recording the chunks it samples
+        def __init__(self):
+            self.chunks = []
+
+        def predict_action_chunk(self, obs, noise=None):
+            self.chunks.append(a.predict_action_chunk(obs, noise))
+            return self.chunks[-1]
+
+    def rollout(policy, seeds):
+        recorder = Recording()
+        result = evaluate(
+            recorder,
+            obs_mode="state",
+            n_episodes=len(seeds),
+            seed_start=seeds.start,
+            n_envs=1,
+            max_steps=6,
+            n_obs_steps=2,
+            n_action_steps=4,
+            progress=False,
+        )
+        seen.append(torch.cat(recorder.chunks))
+        return result
+
+    run = repeated(rollout, [0, 1], torch.manual_seed)
+    first, again = run(a, range(0, 2)), run(a, range(0, 2))
+    assert torch.equal(seen[0], seen[2]) and torch.equal(seen[1], seen[3])  # same noise seed, same actions
+    assert not torch.allclose(seen[0], seen[1])  # another noise seed, other actions
+    assert first.score == again.score == pytest.approx((first.runs[0]["score"] + first.runs[1]["score"]) / 2)
+    with pytest.raises(ValueError, match="at least one seed"):
+        repeated(rollout, [], torch.manual_seed)
 
 
 # -- the command ------------------------------------------------------------------------------------------------
@@ -277,6 +326,7 @@ def test_cli_compose_searches_reports_and_saves_a_loadable_composition(tmp_path)
         "search.seeds=0:2",
         "search.step=0.5",
         "eval.seeds=100000:100002",
+        "eval.noise_seeds=2",
         "max_steps=8",
         "n_envs=1",
         "latency_reps=2",
@@ -288,6 +338,9 @@ def test_cli_compose_searches_reports_and_saves_a_loadable_composition(tmp_path)
     search = json.loads((run / "search.json").read_text())
     assert [r["weights"] for r in search["table"]] == [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
     assert len(summary["parents"]) == 2 and 0.0 <= summary["composed"]["score"] <= 1.0
+    runs = summary["composed"]["runs"]  # the held-out report averages two sampling-noise seeds
+    assert [r["noise_seed"] for r in runs] == [0, 1]
+    assert summary["composed"]["score"] == pytest.approx((runs[0]["score"] + runs[1]["score"]) / 2)
     assert summary["weights"] == search["best"]["weights"]
     assert (run / "weight_curve.png").stat().st_size > 1000
     loaded = load_policy(run / "checkpoint")
