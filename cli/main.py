@@ -455,9 +455,14 @@ def cmd_compose(overrides: Sequence[str]) -> dict:
     def noise_seeds(n: int) -> list[int]:
         return list(range(cfg.noise_seed, cfg.noise_seed + n))
 
+    def save(search: Any) -> None:
+        save_search(search, run_dir / "search.json")
+        plot_search(search, run_dir / "weight_curve.png", names, f"composition of {' + '.join(names)}")
+        print(format_table(search, names), flush=True)
+
     print(f"run_dir: {run_dir}\nparents: {list(cfg.parents)}", flush=True)
     try:
-        composed, search, report = compose_and_search(
+        composed, _, report = compose_and_search(
             parents,
             repeated(rollout, noise_seeds(cfg.search.noise_seeds), torch.manual_seed),
             search_seeds,
@@ -471,13 +476,10 @@ def cmd_compose(overrides: Sequence[str]) -> dict:
             num_inference_steps=cfg.num_inference_steps,
             n_action_steps=cfg.n_action_steps,
             eval_rollout=repeated(rollout, noise_seeds(cfg.eval.noise_seeds), torch.manual_seed),
+            on_search=save,
         )
     except ValueError as err:
         raise UsageError(str(err)) from err
-    if search is not None:
-        save_search(search, run_dir / "search.json")
-        plot_search(search, run_dir / "weight_curve.png", names, f"composition of {' + '.join(names)}")
-        print(format_table(search, names), flush=True)
     obs = {k: torch.rand(1, composed.config.n_obs_steps, *shape) for k, shape in composed.shape_meta["obs"].items()}
     obs = {k: v * 512 if len(v.shape) == 3 else v for k, v in obs.items()}  # low-dim keys in pixels, images [0, 1]
     parent_s = [chunk_latency(p, {k: obs[k] for k in p.shape_meta["obs"]}, cfg.latency_reps) for p in parents]

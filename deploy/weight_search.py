@@ -214,11 +214,13 @@ def compose_and_search(
     rounds: int = 2,
     progress: bool = True,
     eval_rollout: Rollout | None = None,
+    on_search: Callable[[SearchResult], None] | None = None,
     **compose_options: Any,
 ) -> tuple[Any, SearchResult | None, dict[str, Any]]:
     """Compose ``parents``, search the weights on ``search_seeds`` (unless ``weights`` are given) and report the
     parents and the chosen composition on the held-out ``eval_seeds``, which the search never rolls out.
-    ``eval_rollout`` (default ``rollout``) runs the held-out report, e.g. averaged over more sampling-noise seeds.
+    ``eval_rollout`` (default ``rollout``) runs the held-out report, e.g. averaged over more sampling-noise seeds;
+    ``on_search`` receives the search as soon as it ends (to save it before the held-out rollouts).
 
     Returns (composed policy with the chosen weights, the search or None, the held-out report
     ``{"parents": [{score, success_rate}, ...], "composed": {...}, "weights": [...]}``)."""
@@ -237,6 +239,8 @@ def compose_and_search(
             return r.score, r.success_rate
 
         search = search_weights(evaluate, n, step=step, coarse_step=coarse_step, rounds=rounds, progress=progress)
+        if on_search is not None:
+            on_search(search)
         weights = search.best.weights
     chosen = composed.with_weights(check_weights(weights, n, operator))
     eval_rollout = eval_rollout or rollout

@@ -126,7 +126,7 @@ def test_finished_episodes_stop_counting_while_the_round_goes_on(monkeypatch: py
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"obs_mode": "pixels"}, r"obs_mode must be one of \('state', 'image'\), got 'pixels'"),
+        ({"obs_mode": "pixels"}, r"obs_mode must be one of \('state', 'image', 'state_image'\), got 'pixels'"),
         ({"n_episodes": 0}, "n_episodes must be an int >= 1, got 0"),
         ({"n_envs": 0}, "n_envs must be an int >= 1, got 0"),
         ({"n_action_steps": 0}, "n_action_steps must be an int >= 1, got 0"),
