@@ -269,13 +269,14 @@ class ComposedPolicy(nn.Module):
         for i in range(len(self.parents)):
             rows = torch.nonzero(choice == i).flatten()
             if len(rows):
-                alone = self.with_weights(_one_hot(i, len(self.parents)), "convex")
+                alone = self.with_weights(one_hot(i, len(self.parents)), "convex")
                 out[rows] = alone.predict_action_chunk(_subset(obs, rows), noise=x[rows], generator=generator)
         return out
 
 
-def _one_hot(i: int, n: int) -> list[float]:
-    return [1.0 if j == i else 0.0 for j in range(n)]
+def one_hot(i: int, n: int) -> tuple[float, ...]:
+    """Weights that select parent ``i`` of ``n`` alone."""
+    return tuple(1.0 if j == i else 0.0 for j in range(n))
 
 
 def _subset(obs: Mapping[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -308,8 +309,6 @@ def compose(
     num_inference_steps: int | None = None,
 ) -> ComposedPolicy:
     """Compose loaded parent policies (their weights are copied into the composition, which is frozen)."""
-    if len(parents) < 2:
-        raise ValueError(f"composition needs at least 2 parents, got {len(parents)}")
     check_parents(parents)
     first = parents[0].config
     config = ComposedConfig(

@@ -197,10 +197,6 @@ def save_search(result: SearchResult, path: str | Path) -> Path:
 Rollout = Callable[[Any, range], Any]  # (policy, seeds) -> a result with .score and .success_rate
 
 
-def one_hot(i: int, n: int) -> Weights:
-    return tuple(1.0 if j == i else 0.0 for j in range(n))
-
-
 def compose_and_search(
     parents: Sequence[Any],
     rollout: Rollout,
@@ -224,7 +220,7 @@ def compose_and_search(
 
     Returns (composed policy with the chosen weights, the search or None, the held-out report
     ``{"parents": [{score, success_rate}, ...], "composed": {...}, "weights": [...]}``)."""
-    from deploy.compose import check_weights, compose
+    from deploy.compose import check_weights, compose, one_hot
 
     check_disjoint(search_seeds, eval_seeds)
     n = len(parents)
