@@ -1,9 +1,12 @@
-"""Push-T evaluation with Diffusion Policy's protocol; shared by training, `eval`, RL and deployment.
+"""Simulator evaluation (Push-T with Diffusion Policy's protocol by default); shared by training, `eval`, RL and
+deployment.
 
 Test seeds are seed_start .. seed_start + n_episodes - 1 (Diffusion Policy: 100000..100049). Episodes run in
 rounds of `n_envs` parallel environments that replan together through one ChunkExecutor. Per episode:
-max reward = max_t clip(coverage_t / 0.95, 0, 1), success = coverage exceeded 0.95 (the episode terminated),
-length = steps taken. score = mean max reward (the number Diffusion Policy reports).
+max reward = max_t reward_t, success = the episode terminated (the env ends an episode on success), length = steps
+taken; score = mean max reward. Push-T's reward is clip(coverage / 0.95, 0, 1) and it terminates at coverage > 0.95,
+so the score is the number Diffusion Policy reports. Other tasks pass their own ``env_fn`` whose env follows the
+same two rules (reward in [0, 1], terminated = success).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +61,11 @@ def _default_n_envs(n_episodes: int) -> int:
 
 def make_vector_envs(n_envs: int, obs_mode: str, max_steps: int) -> gym.vector.VectorEnv:
     """``n_envs`` Push-T envs for lockstep rounds (evaluation here, RL rollouts in ``rl.env_loop``)."""
-    env_fn = functools.partial(PushTEnv, obs_mode=obs_mode, max_steps=max_steps)
+    return vectorize(functools.partial(PushTEnv, obs_mode=obs_mode, max_steps=max_steps), n_envs)
+
+
+def vectorize(env_fn: Callable[[], gym.Env], n_envs: int) -> gym.vector.VectorEnv:
+    """``n_envs`` copies of ``env_fn()`` stepping in lockstep (worker processes when ``n_envs > 1``)."""
     # NEXT_STEP autoreset: a finished env is reset on the following step; its results are already recorded
     # and it is ignored until the round ends, so every env of a round can keep stepping in lockstep.
     if n_envs == 1:
@@ -69,7 +76,8 @@ def make_vector_envs(n_envs: int, obs_mode: str, max_steps: int) -> gym.vector.V
 def evaluate(
     policy: ChunkPolicy,
     *,
-    obs_mode: str,
+    obs_mode: str | None = None,
+    env_fn: Callable[[], gym.Env] | None = None,
     n_episodes: int = 50,
     seed_start: int = 100000,
     n_envs: int | None = None,
@@ -84,13 +92,19 @@ def evaluate(
     progress: bool = True,
     device: str | torch.device = "cpu",
 ) -> EvalResult:
-    """Roll out `policy` on the Push-T test seeds and score it; videos show the first episodes.
+    """Roll out `policy` on the test seeds and score it; videos show the first episodes.
+
+    The environment: Push-T in `obs_mode` ("state", "image", "state_image"), or any `env_fn` (a picklable
+    zero-argument factory; its env's `reset(seed=)` draws the initial state, its reward lies in [0, 1] and it
+    terminates on success; `max_steps` is then the env's business and not used here). Give exactly one.
 
     `executor`: one of `envs.executor.EXECUTORS` ("chunk", "ensemble", "rti", "streaming"); None takes the policy's
     `default_executor` attribute if it has one (Streaming DP: "streaming"), else "chunk". `executor_options` go to
     `make_executor` as keyword options (RTI's rti_steps / rti_start / rti_every, discrete_dims / snap_values), which
     rejects the ones the kind does not take. Every executor serves all n_envs in lockstep."""
-    if obs_mode not in OBS_MODES:
+    if (obs_mode is None) == (env_fn is None):
+        raise ValueError("evaluate() takes exactly one of obs_mode (Push-T) and env_fn (any other task)")
+    if env_fn is None and obs_mode not in OBS_MODES:
         raise ValueError(f"obs_mode must be one of {OBS_MODES}, got {obs_mode!r}")
     check_int("n_episodes", n_episodes, 1)
     check_int("seed_start", seed_start, 0)
@@ -111,7 +125,7 @@ def evaluate(
     lengths = np.zeros(n_episodes, dtype=np.int64)
     n_video = min(n_video_episodes, n_episodes) if video_path is not None else 0
     frames: list[list[np.ndarray]] = [[] for _ in range(n_video)]  # episode -> frames
-    envs = make_vector_envs(n_envs, obs_mode, max_steps)
+    envs = make_vector_envs(n_envs, obs_mode, max_steps) if env_fn is None else vectorize(env_fn, n_envs)
     bar = tqdm(total=n_episodes, desc="eval", unit="episode", disable=not progress)
     try:
         for first in range(0, n_episodes, n_envs):
