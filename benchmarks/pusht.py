@@ -29,8 +29,7 @@ from cli.main import cmd_train, compose
 from envs.executor import make_executor
 from envs.tasks import TaskConfig, make_task
 from policies.checkpoint import load_policy
-from policies.registry import make_policy
-from policies.train import available_cores
+from policies.train import available_cores, measure_step_time
 
 # Diffusion Policy's sampler settings (checkpoint overrides) timed besides the policy's own default.
 DDPM_SETTINGS = {"DDPM-100": ("ddpm", 100), "DDIM-10": ("ddim", 10), "DDIM-4": ("ddim", 4), "DDIM-2": ("ddim", 2)}
@@ -87,26 +86,10 @@ def inference_figures(checkpoint: Path) -> dict:
 
 
 def calibrate_step_time(overrides: list[str], batch_size: int, n: int = 6) -> float:
-    """Seconds per training step (loss, backward, AdamW) of the configured policy at ``batch_size``, so that the
-    cosine schedule's length matches the budget for every policy."""
-    cfg = compose("train", overrides).policy
+    """Seconds per training step of the configured policy at ``batch_size`` on Push-T state, so that the cosine
+    schedule's length matches the budget for every policy."""
     task = make_task(TaskConfig(name="pusht_state"))
-    train_set, _ = task.datasets(cfg.horizon, cfg.n_obs_steps, cfg.n_action_steps, cfg.needs_transitions)
-    policy = make_policy(cfg, task.shape_meta)
-    policy.fit_normalizer(train_set.normalizer_data())
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
-    batches = train_set.iterate(batch_size, torch.Generator().manual_seed(0))
-    times = []
-    for _ in range(n + 2):
-        batch = next(batches)
-        t0 = time.perf_counter()
-        loss, _ = policy.compute_loss(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        policy.after_optimizer_step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[2:])
+    return measure_step_time(compose("train", overrides).policy, task, batch_size, n)
 
 
 def main() -> None:

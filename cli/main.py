@@ -1,4 +1,4 @@
-"""``robodiff`` console script: ``train``, ``eval``, ``deploy``, ``adapt``, ``compose`` and ``list``.
+"""``robodiff`` console script: ``train``, ``eval``, ``deploy``, ``adapt``, ``compose``, ``list`` and ``data``.
 
 Arguments after the command are Hydra overrides (``task=pusht_state train.steps=1500``), composed with Hydra's
 compose API and converted once into the typed dataclasses of ``cli.config``; modules below never see a
@@ -28,6 +28,10 @@ commands:
   compose compose trained policies at test time (weights searched on validation seeds):
           robodiff compose parents=[<ckpt>,<ckpt>] search.seeds=0:50 eval.seeds=100000:100050
   list    show registered tasks, policies, executors and RL methods
+  data    inspect, convert or generate datasets (zarr, LeRobot v3, robomimic HDF5, ROS bags):
+          robodiff data info <path>
+          robodiff data convert from=<path> to=<path> [from_format=...] [to_format=...] [fps=10 ...]
+          robodiff data generate task=<task> n_episodes=N out=<path> [seed=0] [action_noise=0.0]
 """
 
 
@@ -131,6 +135,7 @@ def cmd_train(overrides: Sequence[str]) -> dict:
     import torch
 
     from envs.tasks import make_task
+    from policies import distributed
     from policies.registry import make_policy
     from policies.train import Trainer, available_cores, seed_everything
 
@@ -140,8 +145,14 @@ def cmd_train(overrides: Sequence[str]) -> dict:
         run_dir, ckpt = _resolve_resume(resume_arg)
         saved = json.loads((run_dir / "overrides.json").read_text())
     cfg = compose("train", [o for o in saved if not o.startswith(("resume=", "run_dir="))] + list(overrides))
-    run_dir = _prepare_run_dir(
-        cfg, f"{cfg.task.name}_{cfg.policy.type}", run_dir if resume_arg else None, saved, overrides
+    try:  # under torchrun: join the process group (a no-op otherwise); rank 0 alone writes and logs
+        distributed.init_process_group(cfg.train.device, cfg.train.dist_timeout_s)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    is_main = distributed.rank() == 0
+    resume_dir = run_dir if resume_arg else None
+    run_dir = distributed.run_on_rank0(
+        lambda: _prepare_run_dir(cfg, f"{cfg.task.name}_{cfg.policy.type}", resume_dir, saved, overrides)
     )
     resolved = {
         "task": _jsonable(cfg.task),
@@ -149,9 +160,11 @@ def cmd_train(overrides: Sequence[str]) -> dict:
         "policy": _jsonable(cfg.policy),
         "train": _jsonable(cfg.train),
     }
-    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+    if is_main:
+        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
 
-    torch.set_num_threads(cfg.train.num_threads or available_cores())
+    # processes started by torchrun on one machine share its cores
+    torch.set_num_threads(cfg.train.num_threads or max(1, available_cores() // distributed.local_world_size()))
     seed_everything(cfg.train.seed)
     task = make_task(cfg.task)
     p = cfg.policy
@@ -172,29 +185,37 @@ def cmd_train(overrides: Sequence[str]) -> dict:
         return {k: v for k, v in result.to_dict().items() if not isinstance(v, list)}
 
     n_params = sum(x.numel() for x in policy.parameters())
-    print(
-        f"run_dir: {run_dir}\npolicy: {p.type} ({n_params / 1e6:.2f} M parameters), task: {cfg.task.name}, "
-        f"{len(train_set)} training windows, {len(val_set)} validation windows",
-        flush=True,
-    )
-    logger = MetricsLogger(run_dir, cfg.logger, resolved, run_dir.name, bool(resume_arg))
-    try:
-        trainer = Trainer(
-            policy,
-            train_set,
-            cfg.train,
-            run_dir,
-            val_set=val_set,
-            eval_fn=eval_fn,
-            checkpoint_extra={"task": resolved["task"], "train": resolved["train"]},
-            log_fn=logger,
+    if is_main:
+        print(
+            f"run_dir: {run_dir}\npolicy: {p.type} ({n_params / 1e6:.2f} M parameters), task: {cfg.task.name}, "
+            f"{len(train_set)} training windows, {len(val_set)} validation windows, "
+            f"{distributed.world_size()} process(es)",
+            flush=True,
         )
+    logger = MetricsLogger(run_dir, cfg.logger, resolved, run_dir.name, bool(resume_arg)) if is_main else None
+    try:
+        try:
+            trainer = Trainer(
+                policy,
+                train_set,
+                cfg.train,
+                run_dir,
+                val_set=val_set,
+                eval_fn=eval_fn,
+                checkpoint_extra={"task": resolved["task"], "train": resolved["train"]},
+                log_fn=logger,
+            )
+        except ValueError as err:  # a batch size that the data or the processes cannot provide
+            raise UsageError(str(err)) from err
         if resume_arg:
             trainer.resume(ckpt)
-            print(f"resumed from {ckpt} at step {trainer.step}", flush=True)
+            if is_main:
+                print(f"resumed from {ckpt} at step {trainer.step}", flush=True)
         summary = trainer.fit()
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
+        distributed.destroy_process_group()
     final = summary.pop("final_eval") or {}
     return {
         "run_dir": str(run_dir),
@@ -526,6 +547,15 @@ def cmd_list(_: Sequence[str]) -> dict:
     return listing
 
 
+def cmd_data(args: Sequence[str]) -> dict:
+    from cli.data_cmd import cmd_data as run_data
+
+    try:
+        return run_data(args)
+    except ValueError as err:  # a bad path, format, option or dataset, named by data.formats / data.lerobot
+        raise UsageError(str(err)) from err
+
+
 COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
@@ -533,6 +563,7 @@ COMMANDS = {
     "adapt": cmd_adapt,
     "compose": cmd_compose,
     "list": cmd_list,
+    "data": cmd_data,
 }
 
 
@@ -545,18 +576,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"robodiff: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
         return 2
-    bad = [o for o in overrides if "=" not in o]
+    bad = [o for o in overrides if "=" not in o and command != "data"]  # data takes a subcommand and a path
     if bad:
         print(f"robodiff {command}: arguments must be key=value overrides, got {bad}", file=sys.stderr)
         return 2
-    import policies  # noqa: F401  (registers the policies before configs are composed)
+    if command != "data":  # data commands compose no policy config; they skip loading torch and the policies
+        import policies  # noqa: F401  (registers the policies before configs are composed)
 
     try:
         result = COMMANDS[command](overrides)
     except UsageError as err:
         print(f"robodiff {command}: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(result, default=str))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        print(json.dumps(result, default=str))
     return 0
 
 

@@ -142,7 +142,8 @@ class SequenceDataset(torch.utils.data.Dataset):
             x = arr[obs_rows]
             if key in self.image_keys:
                 x = rearrange(x, "b t h w c -> b t c h w").float().div_(255.0)
-            obs[key] = x.float() if x.dtype != torch.float32 else x
+            # integer keys (task ids for an embedding, e.g. MoDE's task token) keep their dtype
+            obs[key] = x if x.dtype in (torch.float32, torch.int64) else x.float()
         return obs
 
     def __getitem__(self, i: int) -> dict:
@@ -156,9 +157,27 @@ class SequenceDataset(torch.utils.data.Dataset):
         out["action"] = self.action[steps]
         return out
 
-    def iterate(self, batch_size: int, generator: torch.Generator, drop_last: bool = True, start_batch: int = 0):
-        """One epoch of shuffled batches, skipping the first ``start_batch`` (to continue an epoch on resume)."""
+    def iterate(
+        self,
+        batch_size: int,
+        generator: torch.Generator,
+        drop_last: bool = True,
+        start_batch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        """One epoch of shuffled batches, skipping the first ``start_batch`` (to continue an epoch on resume).
+
+        Data-parallel training: every rank passes the same ``generator`` seed, so all draw one permutation, and
+        takes the ``rank``-th of ``world_size`` equal slices of each batch: ``batch_size`` is the global batch, and
+        the ranks together see exactly the batches of one process (``batch_size / world_size`` windows each)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if batch_size % world_size:
+            raise ValueError(
+                f"batch_size={batch_size} must be divisible by world_size={world_size} (it is the global batch)"
+            )
         perm = torch.randperm(len(self), generator=generator)
         stop = len(perm) - batch_size + 1 if drop_last else len(perm)
         for start in range(start_batch * batch_size, max(stop, 0), batch_size):
-            yield self.get_batch(perm[start : start + batch_size])
+            yield self.get_batch(perm[start : start + batch_size].tensor_split(world_size)[rank])

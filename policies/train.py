@@ -4,6 +4,11 @@ AdamW + cosine schedule with linear warm-up, gradient clipping, EMA weights (use
 checkpoint's model), periodic validation loss and simulator evaluation, ``latest`` and ``best`` checkpoints, and
 exact resume: raw weights, EMA, optimizer, LR schedule, step and every RNG are stored beside ``latest`` in
 safetensors + JSON (no pickle).
+
+Data-parallel under ``torchrun`` (``policies.distributed``): ``train.batch_size`` is the global batch, each rank
+takes ``batch_size / world_size`` windows of every batch, DDP averages the gradients, so every rank makes the same
+optimizer and EMA updates; rank 0 alone logs, validates, evaluates and writes checkpoints. A world of one runs
+without DDP and is bit-identical to a run without torchrun.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from safetensors.torch import save as save_bytes
 from tqdm.auto import tqdm
 
 from data.sequence import SequenceDataset
+from policies import distributed
 from policies.base import Policy
 from policies.checkpoint import MODEL_FILE, load_state, policy_state, save_checkpoint
 
@@ -52,7 +58,9 @@ class TrainLoopConfig:
     max_time_s: float = 0.0  # stop early after this much training time (0 = no limit)
     seed: int = 42
     num_threads: int = 0  # 0 = every core available to this process
-    device: str = "cpu"
+    device: str = "cpu"  # under torchrun "cuda" is cuda:LOCAL_RANK
+    # torchrun: how long a rank waits for the others, e.g. while rank 0 alone runs the simulator evaluation
+    dist_timeout_s: float = 1800.0
     amp: str = "none"  # "bf16": autocast matmuls/convs to bfloat16 (CPUs with AVX-512 BF16, recent GPUs)
     compile: bool = False
 
@@ -63,8 +71,9 @@ class TrainLoopConfig:
         for name in ("warmup_steps", "val_every", "eval_every", "num_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        for name in ("lr", "dist_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"train.amp must be one of {AMP_MODES}, got '{self.amp}'")
         if len(self.betas) != 2:
@@ -75,10 +84,40 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def measure_step_time(policy_config: Any, task: Any, batch_size: int, n: int = 6) -> float:
+    """Median seconds per training step (loss, backward, AdamW, ``after_optimizer_step``) of a fresh policy of
+    ``policy_config`` on ``task``'s training windows at ``batch_size``, after two warm-up steps. Benchmarks size the
+    cosine schedule to a wall-clock budget with it."""
+    from policies.registry import make_policy
+
+    p = policy_config
+    train_set, _ = task.datasets(p.horizon, p.n_obs_steps, p.n_action_steps, p.needs_transitions)
+    policy = make_policy(p, task.shape_meta)
+    policy.fit_normalizer(train_set.normalizer_data())
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
+    batches = train_set.iterate(batch_size, torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(n + 2):
+        batch = next(batches)
+        t0 = time.perf_counter()
+        loss, _ = policy.compute_loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        policy.after_optimizer_step()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[2:]))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def derived_seed(*entropy: int) -> int:
+    """A 32-bit seed of several integers (numpy's SeedSequence): independent streams per (seed, rank, ...)."""
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
 
 
 class EMA:
@@ -142,9 +181,16 @@ def unflatten_optimizer(tensors: Mapping[str, torch.Tensor], meta: Mapping, pref
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+def rng_state(device: torch.device | None = None, prefix: str = "rng") -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's torch (CPU, and the CUDA generator of ``device`` on a GPU: diffusion noise is drawn there),
+    numpy and python RNG states as ``({prefix.name: tensor}, json-able meta)``."""
     np_state = np.random.get_state()
-    tensors = {"rng.torch": torch.get_rng_state(), "rng.numpy": torch.from_numpy(np_state[1].astype(np.int64))}
+    tensors = {
+        f"{prefix}.torch": torch.get_rng_state(),
+        f"{prefix}.numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+    }
+    if device is not None and device.type == "cuda":
+        tensors[f"{prefix}.cuda"] = torch.cuda.get_rng_state(device)
     py_version, py_state, py_gauss = random.getstate()
     meta = {
         "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
@@ -153,12 +199,22 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def set_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
+def set_rng_state(
+    tensors: Mapping[str, torch.Tensor], meta: Mapping, device: torch.device | None = None, prefix: str = "rng"
+) -> None:
+    """Inverse of ``rng_state``."""
+    torch.set_rng_state(tensors[f"{prefix}.torch"])
+    if device is not None and device.type == "cuda" and f"{prefix}.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors[f"{prefix}.cuda"], device)
     name, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state((name, tensors[f"{prefix}.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
     version, state, gauss = meta["python"]
     random.setstate((version, tuple(state), gauss))
+
+
+def _rng_prefix(rank: int) -> str:
+    """Names of a rank's RNG state in ``train_state``: rank 0's are those of a single-process run."""
+    return "rng" if rank == 0 else f"rng.rank{rank}"
 
 
 class Trainer:
@@ -166,6 +222,10 @@ class Trainer:
 
     ``eval_fn(policy, step, final) -> {"score": ..., ...}`` runs the simulator; ``final`` is True for the
     evaluation after training (which may stop before ``steps`` when ``max_time_s`` is reached).
+
+    Inside an initialised process group (``policies.distributed.init_process_group``) every rank constructs a
+    Trainer with the same policy, data and config; ``log_fn``, the progress bar, validation, evaluation and
+    checkpoint writing are rank 0's alone.
     """
 
     def __init__(
@@ -185,11 +245,21 @@ class Trainer:
             raise ValueError(
                 f"the training set has {len(train_set)} windows, fewer than train.batch_size={config.batch_size}"
             )
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        if config.batch_size % self.world_size:
+            raise ValueError(
+                f"train.batch_size={config.batch_size} must be divisible by the number of processes "
+                f"({self.world_size}): it is the global batch, each process takes batch_size / {self.world_size}"
+            )
         self.cfg, self.run_dir = config, Path(run_dir)
         self.train_set, self.val_set, self.eval_fn = train_set, val_set, eval_fn
-        self.checkpoint_extra, self.log_fn, self.progress = dict(checkpoint_extra or {}), log_fn, progress
-        self.device = torch.device(config.device)
+        self.checkpoint_extra = dict(checkpoint_extra or {})
+        self.log_fn, self.progress = (log_fn, progress) if self.rank == 0 else (None, False)
+        self.device = distributed.training_device(config.device)
         self.policy = policy.to(self.device)
+        # More than one process: DDP all-reduces the gradients (and its construction gives every rank rank 0's
+        # weights, before the EMA copies them). A world of one trains the bare policy, exactly as without torchrun.
+        ddp = distributed.data_parallel(self.policy, self.device) if self.world_size > 1 else None
         self.ema = EMA(self.policy, config.ema_power, config.ema_max_decay)
         decay, no_decay = [], []
         for name, p in self.policy.named_parameters():
@@ -207,7 +277,13 @@ class Trainer:
             self.optimizer, _cosine_with_warmup(config.warmup_steps, config.steps)
         )
         self.step, self.best_score = 0, -math.inf
-        self.loss_fn = torch.compile(self.policy.compute_loss) if config.compile else self.policy.compute_loss
+        loss_fn = self.policy.compute_loss if ddp is None else ddp
+        self.loss_fn = torch.compile(loss_fn) if config.compile else loss_fn
+        self._rng: list[tuple[dict[str, torch.Tensor], dict]] = []  # every rank's RNG state at the last save
+        if self.rank > 0:
+            # Rank 0 keeps the caller's RNG stream (so one process under torchrun equals a plain run); the others
+            # draw their own diffusion noise, timesteps and crops from a stream of (seed, rank).
+            seed_everything(derived_seed(config.seed, self.rank))
 
     @property
     def latest_dir(self) -> Path:
@@ -219,15 +295,26 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def save(self) -> Path:
+        """Write ``latest``. Under torchrun every rank calls it (their RNG states are gathered); rank 0 alone writes
+        and the barrier holds the others until the checkpoint is on disk."""
+        self._rng = distributed.all_gather_object(rng_state(self.device, _rng_prefix(self.rank)))
+        if self.rank == 0:
+            self._write_latest()
+        distributed.barrier()
+        return self.latest_dir
+
+    def _write_latest(self) -> Path:
+        """Weights, EMA, optimizer, schedule, step, best score and the RNG states gathered by the last ``save``."""
         tensors = {f"model.{k}": v for k, v in policy_state(self.policy).items()}
         opt_tensors, opt_meta = flatten_optimizer(self.optimizer)
-        rng_tensors, rng_meta = rng_state()
+        rng_tensors = {name: t for state, _ in self._rng for name, t in state.items()}
         meta = {
             "step": self.step,
             "best_score": self.best_score if math.isfinite(self.best_score) else None,
             "optimizer": opt_meta,
             "scheduler": self.scheduler.state_dict(),
-            "rng": rng_meta,
+            "world_size": self.world_size,
+            **{_rng_prefix(r): rng_meta for r, (_, rng_meta) in enumerate(self._rng)},  # "rng", "rng.rank1", ...
         }
         return save_checkpoint(
             self.ema.model,
@@ -256,9 +343,17 @@ class Trainer:
         self.ema.model.load_state_dict(load_state(checkpoint_dir / MODEL_FILE))
         self.optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
         self.scheduler.load_state_dict(meta["scheduler"])
-        set_rng_state(tensors, meta["rng"])
         self.step = int(meta["step"])
         self.best_score = -math.inf if meta["best_score"] is None else float(meta["best_score"])
+        prefix = _rng_prefix(self.rank)
+        if prefix in meta:
+            set_rng_state(tensors, meta[prefix], self.device, prefix)
+        else:
+            # Written by fewer processes than now: this rank starts a fresh stream of (seed, rank, step). The data
+            # order and the other ranks' streams continue exactly; this rank's noise draws differ from an
+            # uninterrupted run at this world size.
+            seed_everything(derived_seed(self.cfg.seed, self.rank, self.step))
+            print(f"rank {self.rank}: {checkpoint_dir} has no RNG state for this rank, seeded a fresh one", flush=True)
 
     # -- loop ------------------------------------------------------------------------------------------------
     def _batches(self):
@@ -268,7 +363,8 @@ class Trainer:
         per_epoch = len(self.train_set) // bs
         epoch, pos = divmod(self.step, per_epoch)
         while True:
-            yield from self.train_set.iterate(bs, torch.Generator().manual_seed(self.cfg.seed + epoch), start_batch=pos)
+            gen = torch.Generator().manual_seed(self.cfg.seed + epoch)
+            yield from self.train_set.iterate(bs, gen, start_batch=pos, rank=self.rank, world_size=self.world_size)
             epoch, pos = epoch + 1, 0
 
     def _to_device(self, batch: Mapping) -> dict:
@@ -341,32 +437,42 @@ class Trainer:
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 now = time.perf_counter()
+                # every rank's losses (each of its own slice of the batch): the mean is that of the global batch
+                sums = torch.tensor([loss_sum, *log_sums.values()], dtype=torch.float64, device=self.device)
+                loss_mean, *log_means = (distributed.all_reduce_mean(sums) / n_loss).tolist()
                 record = {
-                    "train/loss": loss_sum / n_loss,
+                    "train/loss": loss_mean,
                     "train/lr": self.scheduler.get_last_lr()[0],
                     "train/grad_norm": float(grad_norm),
                     "train/samples_per_s": samples / (now - t_log),
-                    **{f"train/{key}": total / n_loss for key, total in log_sums.items()},
+                    **{f"train/{key}": mean for key, mean in zip(log_sums, log_means, strict=True)},
                 }
                 bar.set_postfix(loss=f"{record['train/loss']:.4f}")
                 self._log(record)
                 t_log, samples, loss_sum, n_loss, log_sums = now, 0, 0.0, 0, {}
-            if self.val_set is not None and len(self.val_set) and cfg.val_every and self.step % cfg.val_every == 0:
+            validate = self.val_set is not None and len(self.val_set) and cfg.val_every
+            if validate and self.step % cfg.val_every == 0 and self.rank == 0:
                 self._log({"val/loss": self.validation_loss()})
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                self.evaluate()
-                self.policy.train()
+                if self.rank == 0:
+                    self.evaluate()
+                    self.policy.train()
+                distributed.barrier()  # the other ranks wait for rank 0's simulator run (train.dist_timeout_s)
             if self.step % cfg.checkpoint_every == 0:
                 self.save()
-            if cfg.max_time_s and time.perf_counter() - t_start > cfg.max_time_s:
-                tqdm.write(f"stopping at step {self.step}: train.max_time_s={cfg.max_time_s} reached")
+            out_of_time = bool(cfg.max_time_s) and time.perf_counter() - t_start > cfg.max_time_s
+            if cfg.max_time_s and distributed.broadcast_flag(out_of_time, self.device):
+                if self.rank == 0:
+                    tqdm.write(f"stopping at step {self.step}: train.max_time_s={cfg.max_time_s} reached")
                 break
         bar.close()
         train_time = time.perf_counter() - t_start
         self.save()
-        final = self.evaluate(final=True)
+        # The final evaluation is rank 0's alone and the other ranks are done: they leave instead of waiting
+        # (an evaluation longer than train.dist_timeout_s must not time them out).
+        final = self.evaluate(final=True) if self.rank == 0 else None
         if final is not None:
-            self.save()  # persist best_score for resume
+            self._write_latest()  # persist best_score for resume
         return {
             "step": self.step,
             "train_time_s": train_time,
