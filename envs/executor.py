@@ -89,12 +89,14 @@ class ObsHistory:
                 self.frames[key].append(value)
 
     def window(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """``{key: [B, To, ...]}`` float32 tensors, oldest first."""
+        """``{key: [B, To, ...]}`` tensors (int64 for int64 observations, else float32), oldest first."""
         if not self.frames:
             raise ValueError("the observation history is empty: push an observation first")
+        windows = {key: np.stack(frames, axis=1) for key, frames in self.frames.items()}
+        # integer keys (task ids for an embedding, e.g. MoDE's task token) stay int64, the rest becomes float32
         return {
-            key: torch.as_tensor(np.stack(frames, axis=1), dtype=torch.float32, device=device)
-            for key, frames in self.frames.items()
+            key: torch.as_tensor(w, dtype=torch.int64 if w.dtype == np.int64 else torch.float32, device=device)
+            for key, w in windows.items()
         }
 
 

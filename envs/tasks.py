@@ -150,3 +150,39 @@ class PushTStateImageTask(PushTTask):
 register_task("pusht_state", lambda cfg: PushTTask(cfg, "state"))
 register_task("pusht_image", lambda cfg: PushTTask(cfg, "image"))
 register_task("pusht_state_image", PushTStateImageTask)
+
+
+# MetaWorld v3 (envs/metaworld.py): metaworld/<env> for each of its 50 envs and metaworld/mt10. The package loads only
+# when such a task is built; tests/test_metaworld.py checks this list against metaworld.env_dict.ALL_V3_ENVIRONMENTS.
+METAWORLD_TASKS = tuple(
+    f"{name}-v3"
+    for name in """assembly basketball bin-picking box-close button-press-topdown button-press-topdown-wall button-press
+    button-press-wall coffee-button coffee-pull coffee-push dial-turn disassemble door-close door-lock door-open
+    door-unlock hand-insert drawer-close drawer-open faucet-open faucet-close hammer handle-press-side handle-press
+    handle-pull-side handle-pull lever-pull pick-place-wall pick-out-of-hole pick-place plate-slide plate-slide-side
+    plate-slide-back plate-slide-back-side peg-insert-side peg-unplug-side soccer stick-push stick-pull push push-wall
+    push-back reach reach-wall shelf-place sweep-into sweep window-open window-close""".split()  # noqa: SIM905 (compact)
+)
+
+
+def _metaworld_task(config: TaskConfig) -> Task:
+    from envs.metaworld import MetaWorldTask
+
+    return MetaWorldTask(config)
+
+
+for _name in (*METAWORLD_TASKS, "mt10"):
+    register_task(f"metaworld/{_name}", _metaworld_task)
+
+
+def _robosuite_task(task: str) -> Callable[[TaskConfig], Task]:
+    def factory(config: TaskConfig) -> Task:
+        from envs.robosuite import RobosuiteTask  # robosuite loads only when its task is built
+
+        return RobosuiteTask(config, task)
+
+    return factory
+
+
+register_task("robosuite/lift", _robosuite_task("lift"))
+register_task("robosuite/can", _robosuite_task("can"))
