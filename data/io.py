@@ -1,4 +1,4 @@
-"""Atomic directory writes shared by replay buffers and checkpoints."""
+"""Atomic writes: directories (replay buffers, checkpoints, LeRobot datasets) and single files (HDF5, JSON)."""
 
 from __future__ import annotations
 
@@ -33,3 +33,18 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling file name to write; on success it replaces ``path`` by rename, on error it is
+    removed, so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
+from data.io import atomic_file
 from data.replay_buffer import ReplayBuffer
 
 # buffer key -> per-demo dataset name
@@ -122,28 +122,21 @@ def write_robomimic(
         if bad:
             raise ValueError(f"mask {name!r} has episode indices {bad[:5]} outside [0, {buffer.n_episodes})")
     obs_keys = [k for k in buffer.data if k not in PER_STEP]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            data = f.create_group("data")
-            data.attrs["total"] = buffer.n_steps
-            data.attrs["env_args"] = json.dumps(env_args or {})
-            for i in range(buffer.n_episodes):
-                episode = buffer.get_episode(i)
-                demo = data.create_group(f"demo_{i}")
-                demo.attrs["num_samples"] = len(episode["action"])
-                for key, name in PER_STEP.items():
-                    if key in episode:
-                        demo.create_dataset(name, data=episode[key])
-                nxt = np.minimum(np.arange(1, len(episode["action"]) + 1), len(episode["action"]) - 1)
-                for key in obs_keys:
-                    demo.create_dataset(f"obs/{key}", data=episode[key])
-                    demo.create_dataset(f"next_obs/{key}", data=episode[key][nxt])
-            for name, episodes in (masks or {}).items():
-                f.create_dataset(f"mask/{name}", data=np.array([f"demo_{int(i)}" for i in episodes], dtype="S"))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_file(path) as tmp, h5py.File(tmp, "w") as f:
+        data = f.create_group("data")
+        data.attrs["total"] = buffer.n_steps
+        data.attrs["env_args"] = json.dumps(env_args or {})
+        for i in range(buffer.n_episodes):
+            episode = buffer.get_episode(i)
+            demo = data.create_group(f"demo_{i}")
+            demo.attrs["num_samples"] = len(episode["action"])
+            for key, name in PER_STEP.items():
+                if key in episode:
+                    demo.create_dataset(name, data=episode[key])
+            nxt = np.minimum(np.arange(1, len(episode["action"]) + 1), len(episode["action"]) - 1)
+            for key in obs_keys:
+                demo.create_dataset(f"obs/{key}", data=episode[key])
+                demo.create_dataset(f"next_obs/{key}", data=episode[key][nxt])
+        for name, episodes in (masks or {}).items():
+            f.create_dataset(f"mask/{name}", data=np.array([f"demo_{int(i)}" for i in episodes], dtype="S"))
     return path

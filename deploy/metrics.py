@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from data.io import atomic_file
 from deploy.safety import LIMIT_EVENTS, WATCHDOG_STATES
 
 
@@ -87,6 +88,5 @@ class LoopMetrics:
             ],
             "inference_s": self.inference_s,
         }
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(payload, allow_nan=False))
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(payload, allow_nan=False))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from data.io import atomic_file
 from deploy.inference import InferenceProcess
 from deploy.loop import ControlLoop, LoopConfig
 from deploy.metrics import percentiles_ms
@@ -47,10 +47,8 @@ def loop_mode(executor: str | None) -> str:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False, default=float))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, allow_nan=False, default=float))
 
 
 def deploy_sim_pusht(

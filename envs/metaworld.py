@@ -47,7 +47,7 @@ from tqdm import tqdm
 from data.replay_buffer import ReplayBuffer
 from data.sequence import SequenceDataset, split_episodes
 from envs.evaluate import EvalResult, evaluate
-from envs.tasks import METAWORLD_TASKS, TaskConfig
+from envs.tasks import METAWORLD_TASKS, TaskConfig, dataset_path
 
 # metaworld.env_dict.MT10_V3's order (tests check it): the task id of each MT10 env.
 MT10_TASKS = (
@@ -185,13 +185,6 @@ class MultiTaskEvalResult(EvalResult):
     success_per_task: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-def default_dataset_path(task_name: str) -> Path:
-    """``$ROBODIFF_DATA/metaworld/<env or mt10>.zarr``, else ``runs/data/...`` in the repository (git-ignored)."""
-    root = os.environ.get("ROBODIFF_DATA")
-    base = Path(root).expanduser() if root else Path(__file__).resolve().parents[1] / "runs" / "data"
-    return base / "metaworld" / f"{task_name.partition('/')[2]}.zarr"
-
-
 class MetaWorldTask:
     """The Task protocol (``envs.tasks``) for ``metaworld/<env>`` and ``metaworld/mt10``, plus ``generate``."""
 
@@ -202,11 +195,7 @@ class MetaWorldTask:
 
     @property
     def dataset_path(self) -> Path:
-        return (
-            Path(self.config.dataset_path).expanduser()
-            if self.config.dataset_path
-            else default_dataset_path(self.config.name)
-        )
+        return dataset_path(self.config, "metaworld", f"{self.config.name.partition('/')[2]}.zarr")
 
     def env_fn(self, task_id: int) -> functools.partial:
         """A picklable factory of the env of ``env_names[task_id]`` (for ``envs.evaluate`` and RL rollouts)."""

@@ -23,7 +23,6 @@ pos, quat, can-to-eef pos and quat = 14), ``robot0_eef_pos`` [3], ``robot0_eef_q
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +35,7 @@ from scipy.spatial.transform import Rotation
 from data.replay_buffer import ReplayBuffer
 from data.robomimic import read_robomimic, write_robomimic
 from data.sequence import SequenceDataset, split_episodes
+from envs.tasks import dataset_path
 
 ENV_NAMES = {"lift": "Lift", "can": "PickPlaceCan"}  # task -> robosuite environment class
 OBJECT_DIMS = {"lift": 10, "can": 14}
@@ -290,13 +290,6 @@ def rollout_expert(
 
 
 # -- the task ---------------------------------------------------------------------------------------------------------
-def default_dataset_path(task: str) -> Path:
-    """``$ROBODIFF_DATA/robosuite/<task>.hdf5``, else ``runs/data/robosuite/<task>.hdf5`` in the repository."""
-    root = os.environ.get("ROBODIFF_DATA")
-    base = Path(root).expanduser() if root else Path(__file__).resolve().parents[1] / "runs" / "data"
-    return base / "robosuite" / f"{task}.hdf5"
-
-
 class RobosuiteTask:
     """``robosuite/lift`` and ``robosuite/can``: Diffusion Policy on scripted demonstrations (robomimic HDF5),
     evaluated with robomimic's success definition over ``config.eval_episodes`` seeds from ``eval_seed_start``."""
@@ -308,9 +301,7 @@ class RobosuiteTask:
 
     @property
     def dataset_path(self) -> Path:
-        return (
-            Path(self.config.dataset_path).expanduser() if self.config.dataset_path else default_dataset_path(self.task)
-        )
+        return dataset_path(self.config, "robosuite", f"{self.task}.hdf5")
 
     def load(self) -> ReplayBuffer:
         path = self.dataset_path

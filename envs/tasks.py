@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +32,16 @@ class TaskConfig:
             raise ValueError(f"task.eval_episodes must be >= 1, got {self.eval_episodes}")
         if self.max_steps < 1:
             raise ValueError(f"task.max_steps must be >= 1, got {self.max_steps}")
+
+
+def dataset_path(config: TaskConfig, *default: str) -> Path:
+    """Where a task's demonstrations live: ``config.dataset_path``, else the home of generated data,
+    ``$ROBODIFF_DATA/<default...>``, else ``runs/data/<default...>`` in the repository (git-ignored)."""
+    if config.dataset_path:
+        return Path(config.dataset_path).expanduser()
+    root = os.environ.get("ROBODIFF_DATA")
+    base = Path(root).expanduser() if root else Path(__file__).resolve().parents[1] / "runs" / "data"
+    return base.joinpath(*default)
 
 
 class Task(Protocol):
