@@ -31,7 +31,7 @@ from envs.evaluate import evaluate
 from envs.executor import make_executor
 from policies.checkpoint import load_policy
 
-RTI = {"rti_steps": 3, "rti_start": 0.3}
+RTI = {"rti_steps": 3, "rti_start": 0.3, "rti_every": 1}  # the table's row: refine at every step
 ENSEMBLE_K = 0.01
 
 

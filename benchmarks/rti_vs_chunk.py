@@ -28,9 +28,10 @@ def main() -> None:
     parser.add_argument("--rti-every", type=int, default=1)
     parser.add_argument("--episodes", type=int, default=50)
     parser.add_argument("--executors", nargs="+", default=["chunk", "rti"], choices=["chunk", "rti"])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", default="bench_results/rti_vs_chunk.json")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     policy = load_policy(args.checkpoint)
     c = policy.config
     runs: dict[str, list[float]] = {kind: [] for kind in args.executors}

@@ -47,8 +47,8 @@ class EvalRunConfig:
     temporal_ensemble: float | None = None  # ACT's exponential weight k (chunk/ensemble executor, queried every step)
     # Executor options (make_executor validates them per kind); None = the executor's default.
     rti_steps: int | None = None  # rti: denoiser passes per refinement (default 3)
-    rti_start: float | None = None  # rti: warm-start noise level in (0, 1] (default 0.3)
-    rti_every: int | None = None  # rti: refine every k control steps (default 1)
+    rti_start: float | None = None  # rti: warm-start noise level in (0, 1] (default 0.2)
+    rti_every: int | None = None  # rti: refine every k control steps (default 4)
     discrete_dims: list[int] | None = None  # action dims snapped at execution to the nearest of snap_values
     snap_values: list[float] | None = None
     output_dir: str | None = None  # default: <checkpoint>/eval

@@ -117,7 +117,7 @@ def test_evaluate_runs_rti_in_lockstep_with_its_options() -> None:
         n_obs_steps=2,
         n_action_steps=8,
         executor="rti",
-        executor_options={"rti_steps": 2, "rti_start": 0.4},
+        executor_options={"rti_steps": 2, "rti_start": 0.4, "rti_every": 1},
         progress=False,
     )
     assert result.n_episodes == 2 and all(1 <= n <= 5 for n in result.lengths)

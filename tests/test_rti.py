@@ -82,7 +82,7 @@ def test_shift_chunk_shifts_left_and_repeats_last_action() -> None:
 
 def test_rti_refines_the_shifted_previous_chunk_every_step() -> None:
     policy = RecordingRefiner()
-    ex = make_executor("rti", policy, n_obs_steps=2, n_action_steps=4, rti_steps=2, rti_start=0.4)
+    ex = make_executor("rti", policy, n_obs_steps=2, n_action_steps=4, rti_steps=2, rti_start=0.4, rti_every=1)
     assert isinstance(ex, RTIExecutor)
     ex.reset(batch_size=2)
     actions = [ex.act(obs_at(t)) for t in range(4)]
@@ -105,7 +105,7 @@ def test_rti_every_k_steps_executes_in_between_and_shifts_by_k() -> None:
     ex.reset(batch_size=1)
     actions = [ex.act(obs_at(t, batch=1))[0, 0] for t in range(7)]
     assert policy.predicts == 1 and len(policy.refines) == 2  # steps 3 and 6
-    assert policy.refines[0]["num_steps"] == 3 and policy.refines[0]["start"] == 0.3  # defaults
+    assert policy.refines[0]["num_steps"] == 3 and policy.refines[0]["start"] == 0.2  # defaults
     assert actions[:3] == [1.0, 2.0, 3.0]
     np.testing.assert_array_equal(policy.refines[0]["actions"][0, :, 0].numpy(), [3, 4, 5, 6, 7, 7, 7, 7])
     assert actions[3:6] == [14.0, 15.0, 16.0]  # shifted chunk + 10, from offset 1
@@ -115,7 +115,7 @@ def test_rti_every_k_steps_executes_in_between_and_shifts_by_k() -> None:
 
 
 def test_snapping_discrete_dims() -> None:
-    ex = make_executor("rti", RecordingRefiner(), 2, 4, discrete_dims=[1], snap_values=[0.0, 1.0])
+    ex = make_executor("rti", RecordingRefiner(), 2, 4, rti_every=1, discrete_dims=[1], snap_values=[0.0, 1.0])
     ex.reset(batch_size=2)
     snapped = [ex.act(obs_at(t))[:, 1] for t in range(3)]
     # dim 1 of chunk[:, 1] is 0.7 -> 1; refined ones add 10, 30 -> the nearest is 1
@@ -222,7 +222,7 @@ def test_flow_refine_integrates_from_start() -> None:
 def test_denoiser_passes_per_control_step_equal_rti_steps(name: str) -> None:
     policy = tiny(name)
     calls = count_denoise(policy)
-    ex = make_executor("rti", policy, 2, 8, rti_steps=3)
+    ex = make_executor("rti", policy, 2, 8, rti_steps=3, rti_every=1)
     ex.reset(batch_size=2)
     per_step = []
     for _ in range(4):
@@ -287,7 +287,7 @@ def test_evaluate_runs_rti_with_options() -> None:
         n_obs_steps=2,
         n_action_steps=8,
         executor="rti",
-        executor_options={"rti_steps": 2, "rti_start": 0.5},
+        executor_options={"rti_steps": 2, "rti_start": 0.5, "rti_every": 1},
         progress=False,
     )
     assert result.lengths == [4, 4] and 0.0 <= result.score <= 1.0
