@@ -89,6 +89,8 @@ def make_pusht_datasets(
     val_ratio: float = 0.02,
     seed: int = 42,
     max_train_episodes: int | None = None,
+    train_range: tuple[int, int] | None = None,
+    normalize_all: bool = False,
     reward_fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[SequenceDataset, SequenceDataset]:
     """Train and validation windows, split by episode (seeded) as in Diffusion Policy.
@@ -97,7 +99,7 @@ def make_pusht_datasets(
     step t's reward is computed from the recorded state after it (``envs.pusht`` supplies the environment's
     coverage reward; ``data`` does not import ``envs``)."""
     obs, action, episode_ends, sim_state = load_pusht(path, obs_mode)
-    train_mask, val_mask = split_episodes(len(episode_ends), val_ratio, seed, max_train_episodes)
+    train_mask, val_mask = split_episodes(len(episode_ends), val_ratio, seed, max_train_episodes, train_range)
     kwargs = dict(
         horizon=horizon,
         n_obs_steps=n_obs_steps,
@@ -107,6 +109,7 @@ def make_pusht_datasets(
     if reward_fn is not None:
         reward, terminal = reward_fn(sim_state[next_step_index(episode_ends)])
         kwargs.update(reward=reward, terminal=terminal)
-    train = SequenceDataset(obs, action, episode_ends, episode_mask=train_mask, **kwargs)
+    stats = np.ones(len(episode_ends), bool) if normalize_all else None
+    train = SequenceDataset(obs, action, episode_ends, episode_mask=train_mask, stats_mask=stats, **kwargs)
     val = SequenceDataset(obs, action, episode_ends, episode_mask=val_mask, **kwargs)
     return train, val

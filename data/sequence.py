@@ -39,12 +39,18 @@ def window_indices(
 
 
 def split_episodes(
-    n_episodes: int, val_ratio: float, seed: int, max_train_episodes: int | None = None
+    n_episodes: int,
+    val_ratio: float,
+    seed: int,
+    max_train_episodes: int | None = None,
+    train_range: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Boolean (train, val) episode masks, as Diffusion Policy's ``get_val_mask`` + ``downsample_mask``.
 
-    At least one validation episode when ``val_ratio > 0`` and at least one training episode. With
-    ``max_train_episodes`` the training episodes are a seeded random subset of that size.
+    At least one validation episode when ``val_ratio > 0`` and at least one training episode. ``train_range
+    (start, stop)`` keeps only training episodes with an index in [start, stop) (the validation split does not
+    change, so policies trained on disjoint ranges are validated alike); then, with ``max_train_episodes``, the
+    training episodes are a seeded random subset of that size.
     """
     if not 0.0 <= val_ratio < 1.0:
         raise ValueError(f"val_ratio must be in [0, 1), got {val_ratio}")
@@ -56,12 +62,32 @@ def split_episodes(
         n_val = min(max(1, round(n_episodes * val_ratio)), n_episodes - 1)
         val[rng.choice(n_episodes, size=n_val, replace=False)] = True
     train = ~val
+    if train_range is not None:
+        start, stop = _check_range(train_range, n_episodes)
+        train[:start] = False
+        train[stop:] = False
+        if not train.any():
+            raise ValueError(
+                f"train_episodes [{start}, {stop}) holds only validation episodes; widen the range or lower val_ratio"
+            )
     if max_train_episodes is not None and train.sum() > max_train_episodes:
         idx = np.flatnonzero(train)
         keep = idx[np.random.default_rng(seed).choice(len(idx), size=max_train_episodes, replace=False)]
         train = np.zeros(n_episodes, bool)
         train[keep] = True
     return train, val
+
+
+def _check_range(episode_range, n_episodes: int) -> tuple[int, int]:
+    r = list(episode_range)
+    if len(r) != 2 or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in r):
+        raise ValueError(f"train_episodes must be two episode indices [start, stop), got {episode_range!r}")
+    start, stop = int(r[0]), int(r[1])
+    if not 0 <= start < stop <= n_episodes:
+        raise ValueError(
+            f"train_episodes [{start}, {stop}) must satisfy 0 <= start < stop <= {n_episodes} (episodes in the data)"
+        )
+    return start, stop
 
 
 class SequenceDataset(torch.utils.data.Dataset):
@@ -93,6 +119,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         image_keys: Iterable[str] = (),
         reward: np.ndarray | None = None,
         terminal: np.ndarray | None = None,
+        stats_mask: np.ndarray | None = None,
     ) -> None:
         if not 1 <= n_obs_steps <= horizon:
             raise ValueError(f"n_obs_steps must be in [1, horizon={horizon}], got {n_obs_steps}")
@@ -120,6 +147,10 @@ class SequenceDataset(torch.utils.data.Dataset):
         self.indices = torch.from_numpy(
             window_indices(episode_ends, horizon + extra, n_obs_steps - 1, n_action_steps - 1 + extra, episode_mask)
         )
+        # Steps that normalizer_data covers: the windows' own steps, or every step of the stats_mask episodes.
+        self._stats_steps = torch.unique(self.indices)
+        if stats_mask is not None:
+            self._stats_steps = torch.unique(torch.from_numpy(window_indices(episode_ends, 1, episode_mask=stats_mask)))
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -151,8 +182,10 @@ class SequenceDataset(torch.utils.data.Dataset):
         return {k: {kk: vv[0] for kk, vv in v.items()} if isinstance(v, dict) else v[0] for k, v in batch.items()}
 
     def normalizer_data(self) -> dict[str, torch.Tensor]:
-        """Every low-dimensional key (observations and ``action``) over the steps this dataset covers."""
-        steps = torch.unique(self.indices)
+        """Every low-dimensional key (observations and ``action``) over the steps this dataset covers, or over the
+        episodes of ``stats_mask`` when given (e.g. every episode of the file, so that policies trained on
+        different subsets share one normalization and can be composed)."""
+        steps = self._stats_steps
         out = {k: v[steps].float() for k, v in self.obs.items() if k not in self.image_keys}
         out["action"] = self.action[steps]
         return out

@@ -297,7 +297,8 @@ class MetaWorldTask:
         if not eligible.any():
             raise ValueError(f"{self.dataset_path} has no successful demonstration to imitate")
         idx = np.flatnonzero(eligible)
-        train_sub, val_sub = split_episodes(len(idx), c.val_ratio, c.split_seed, c.max_train_episodes)
+        # episode indices of train_episodes count the eligible demos (successful ones when imitating)
+        train_sub, val_sub = split_episodes(len(idx), c.val_ratio, c.split_seed, c.max_train_episodes, c.train_range)
         train_mask, val_mask = np.zeros(buffer.n_episodes, bool), np.zeros(buffer.n_episodes, bool)
         train_mask[idx[train_sub]], val_mask[idx[val_sub]] = True, True
         obs: dict[str, np.ndarray] = {"state": d["state"]}
@@ -307,7 +308,14 @@ class MetaWorldTask:
         if transitions:
             kwargs.update(reward=d["reward"], terminal=d["success"])
         return (
-            SequenceDataset(obs, d["action"], ends, episode_mask=train_mask, **kwargs),
+            SequenceDataset(
+                obs,
+                d["action"],
+                ends,
+                episode_mask=train_mask,
+                stats_mask=eligible if c.normalizer_episodes == "all" else None,
+                **kwargs,
+            ),
             SequenceDataset(obs, d["action"], ends, episode_mask=val_mask, **kwargs),
         )
 

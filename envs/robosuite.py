@@ -317,13 +317,16 @@ class RobosuiteTask:
     ) -> tuple[SequenceDataset, SequenceDataset]:
         buf = self.load()
         c = self.config
-        train_mask, val_mask = split_episodes(buf.n_episodes, c.val_ratio, c.split_seed, c.max_train_episodes)
+        train_mask, val_mask = split_episodes(
+            buf.n_episodes, c.val_ratio, c.split_seed, c.max_train_episodes, c.train_range
+        )
+        stats = np.ones(buf.n_episodes, bool) if c.normalizer_episodes == "all" else None
         obs = {k: buf.data[k].astype(np.float32) for k in OBS_KEYS}
         kwargs: dict[str, Any] = dict(horizon=horizon, n_obs_steps=n_obs_steps, n_action_steps=n_action_steps)
         if transitions:  # the environment's reward: 1 on the step that reaches success, which ends the episode
             kwargs.update(reward=buf.data["reward"], terminal=buf.data["done"])
         action = to_policy_action(buf.data["action"])
-        train = SequenceDataset(obs, action, buf.episode_ends, episode_mask=train_mask, **kwargs)
+        train = SequenceDataset(obs, action, buf.episode_ends, episode_mask=train_mask, stats_mask=stats, **kwargs)
         val = SequenceDataset(obs, action, buf.episode_ends, episode_mask=val_mask, **kwargs)
         return train, val
 

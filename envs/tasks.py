@@ -21,6 +21,12 @@ class TaskConfig:
     dataset_path: str | None = None  # None: $ROBODIFF_DATA, then ../shared/data beside the repository
     val_ratio: float = 0.02
     max_train_episodes: int | None = None  # Diffusion Policy's paper setting is 90
+    # [start, stop): train only on episodes with these indices (validation episodes stay excluded), e.g. two
+    # parents for composition on disjoint halves of the data
+    train_episodes: list[int] | None = None
+    # "train": normalizer statistics from the training episodes; "all": from every episode in the file, so that
+    # policies trained on different subsets share one action normalization (composition requires it)
+    normalizer_episodes: str = "train"
     split_seed: int = 42
     eval_seed_start: int = 100000  # Diffusion Policy's Push-T test seeds are 100000..100049
     eval_episodes: int = 50
@@ -32,6 +38,12 @@ class TaskConfig:
             raise ValueError(f"task.eval_episodes must be >= 1, got {self.eval_episodes}")
         if self.max_steps < 1:
             raise ValueError(f"task.max_steps must be >= 1, got {self.max_steps}")
+        if self.normalizer_episodes not in ("train", "all"):
+            raise ValueError(f"task.normalizer_episodes must be 'train' or 'all', got {self.normalizer_episodes!r}")
+
+    @property
+    def train_range(self) -> tuple[int, int] | None:
+        return None if self.train_episodes is None else tuple(self.train_episodes)  # type: ignore[return-value]
 
 
 def dataset_path(config: TaskConfig, *default: str) -> Path:
@@ -108,6 +120,8 @@ class PushTTask:
             val_ratio=c.val_ratio,
             seed=c.split_seed,
             max_train_episodes=c.max_train_episodes,
+            train_range=c.train_range,
+            normalize_all=c.normalizer_episodes == "all",
             # The environment's own reward (goal coverage) of each recorded state: offline RL on the demonstrations
             # then optimises exactly what evaluation scores.
             reward_fn=(lambda state: reward_from_coverage(coverage(state))) if transitions else None,

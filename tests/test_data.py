@@ -48,6 +48,38 @@ def test_split_episodes_disjoint_seeded_and_downsampled():
         split_episodes(10, 1.5, seed=0)
 
 
+def test_split_episodes_train_range_keeps_the_validation_split():
+    train, val = split_episodes(206, 0.02, seed=42)
+    first, val_a = split_episodes(206, 0.02, seed=42, train_range=(0, 103))
+    second, val_b = split_episodes(206, 0.02, seed=42, train_range=[103, 206])
+    np.testing.assert_array_equal(val_a, val)
+    np.testing.assert_array_equal(val_b, val)
+    assert not (first & second).any() and np.array_equal(first | second, train)
+    assert np.flatnonzero(first).max() < 103 <= np.flatnonzero(second).min()
+    sub, _ = split_episodes(206, 0.02, seed=42, max_train_episodes=40, train_range=(103, 206))
+    assert sub.sum() == 40 and np.flatnonzero(sub).min() >= 103
+    for bad, match in (((5, 5), "0 <= start < stop <= 206"), ((0, 300), "<= 206"), ((1,), "two episode indices")):
+        with pytest.raises(ValueError, match=match):
+            split_episodes(206, 0.02, seed=42, train_range=bad)
+    only_val = int(np.flatnonzero(val)[0])
+    with pytest.raises(ValueError, match="only validation episodes"):
+        split_episodes(206, 0.02, seed=42, train_range=(only_val, only_val + 1))
+
+
+def test_stats_mask_sets_the_steps_of_normalizer_data():
+    n = 10
+    steps = np.arange(n, dtype=np.float32)[:, None]
+    kwargs = dict(horizon=2, n_obs_steps=1, n_action_steps=1)
+    ends, first = np.array([4, 10]), np.array([True, False])
+    own = SequenceDataset({"state": steps}, steps, ends, episode_mask=first, **kwargs).normalizer_data()
+    assert own["action"].max() == 3 and len(own["action"]) == 4
+    every = SequenceDataset(
+        {"state": steps}, steps, ends, episode_mask=first, stats_mask=np.ones(2, bool), **kwargs
+    ).normalizer_data()
+    np.testing.assert_array_equal(every["action"][:, 0], np.arange(n))
+    np.testing.assert_array_equal(every["state"][:, 0], np.arange(n))
+
+
 def test_sequence_dataset_batch_layout():
     n = 10
     obs = {"state": np.arange(n, dtype=np.float32)[:, None].repeat(3, 1), "image": np.full((n, 4, 4, 3), 255, np.uint8)}
@@ -189,6 +221,28 @@ def test_pusht_state_obs_layout(pusht_path):
     )
     assert len(np.unique(np.searchsorted(ends, train.indices[:, 0].numpy(), side="right"))) == 90
     assert len(val) > 0
+
+
+def test_pusht_disjoint_halves_share_the_normalization_of_all_episodes(pusht_path):
+    from envs.tasks import TaskConfig, make_task
+
+    def train_set(episodes, normalize):
+        config = TaskConfig(
+            name="pusht_state", dataset_path=str(pusht_path), train_episodes=episodes, normalizer_episodes=normalize
+        )
+        return make_task(config).datasets(horizon=16, n_obs_steps=2, n_action_steps=8)[0]
+
+    a, b = train_set([0, 103], "all"), train_set([103, 206], "all")
+    assert set(a.indices.flatten().tolist()).isdisjoint(b.indices.flatten().tolist())
+    stats_a, stats_b = a.normalizer_data(), b.normalizer_data()
+    for key in ("action", "state"):
+        np.testing.assert_array_equal(stats_a[key], stats_b[key])
+        assert len(stats_a[key]) == 25650  # every step of the 206 episodes
+    own_a, own_b = train_set([0, 103], "train").normalizer_data(), train_set([103, 206], "train").normalizer_data()
+    assert len(own_a["action"]) + len(own_b["action"]) < 25650  # the validation episodes are in neither
+    assert not torch.equal(own_a["action"].amax(0), own_b["action"].amax(0))
+    with pytest.raises(ValueError, match="normalizer_episodes must be 'train' or 'all', got 'some'"):
+        TaskConfig(normalizer_episodes="some")
 
 
 def test_missing_dataset_names_path_and_how_to_get_it(tmp_path, monkeypatch):
