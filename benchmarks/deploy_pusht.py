@@ -6,8 +6,9 @@ inference in its own process) for loop lateness, missed ticks, inference latency
         --streaming-checkpoint runs/bench/table/streaming/checkpoints/latest --realtime-episodes 5 \\
         --out bench_results/deploy_pusht.json
 
-Denoiser passes per executed action are counted with a forward hook on ``policy.model`` over one 300-step episode
-of random observations through each executor (the count does not depend on the observations). Run it alone on
+``--only NAME ...`` re-runs those rows and keeps the others of ``--out``. Denoiser passes per executed action
+are counted with a forward hook on ``policy.model`` over one 300-step episode of random observations through each
+executor (the count does not depend on the observations). Run it alone on
 the machine: real-time figures are only meaningful without another heavy job beside them.
 """
 
@@ -31,7 +32,8 @@ from envs.evaluate import evaluate
 from envs.executor import make_executor
 from policies.checkpoint import load_policy
 
-RTI = {"rti_steps": 3, "rti_start": 0.3, "rti_every": 1}  # the table's row: refine at every step
+RTI = {"rti_steps": 3, "rti_start": 0.3, "rti_every": 1}  # refine at every step
+RTI_DEFAULT = {"rti_steps": 3, "rti_start": 0.2, "rti_every": 4}  # the executor's defaults
 ENSEMBLE_K = 0.01
 
 
@@ -65,6 +67,7 @@ def main() -> None:
     parser.add_argument("--skip-eval", action="store_true")
     parser.add_argument("--out", default="bench_results/deploy_pusht.json")
     parser.add_argument("--resume", action="store_true", help="keep finished rows (and evaluations) of --out")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these rows afresh; keep the others of --out")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -73,6 +76,7 @@ def main() -> None:
         ("chunk DDIM-10", args.checkpoint, "chunk", {}),
         (f"ensemble k={ENSEMBLE_K}", args.checkpoint, "ensemble", {"temporal_ensemble": ENSEMBLE_K}),
         ("rti 3 steps from 0.3", args.checkpoint, "rti", dict(RTI)),
+        ("rti 3 steps from 0.2 every 4", args.checkpoint, "rti", dict(RTI_DEFAULT)),
         ("async chunks (freeze)", args.checkpoint, "async", {}),
     ]
     if args.streaming_checkpoint:
@@ -88,9 +92,18 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "rows": {},
     }
-    done = json.loads(out.read_text())["rows"] if out.exists() and args.resume else {}
+    done = json.loads(out.read_text())["rows"] if out.exists() and (args.resume or args.only) else {}
+    unknown = set(args.only or []) - {r[0] for r in rows}
+    if unknown:
+        parser.error(f"--only: unknown rows {sorted(unknown)}; rows: {[r[0] for r in rows]}")
     for name, ckpt, kind, options in rows:
         row: dict = {"checkpoint": ckpt, "executor": kind, "options": options}
+        if args.only is not None:
+            if name not in args.only:
+                if name in done:
+                    result["rows"][name] = done[name]
+                continue
+            done.pop(name, None)
         if "realtime" in done.get(name, {}):
             result["rows"][name] = done[name]
             continue

@@ -19,11 +19,11 @@ import json
 import platform
 import resource
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from timing import latency_ms
 
 from cli.main import cmd_train, compose
 from envs.executor import make_executor
@@ -38,19 +38,6 @@ DDPM_SETTINGS = {"DDPM-100": ("ddpm", 100), "DDIM-10": ("ddim", 10), "DDIM-4": (
 def _obs(policy, batch: int = 1) -> dict[str, torch.Tensor]:
     c = policy.config
     return {k: torch.rand(batch, c.n_obs_steps, *shape) * 100 for k, shape in policy.shape_meta["obs"].items()}
-
-
-def latency_ms(fn, repeats: int = 30) -> dict:
-    """Median and p90 wall time (ms) of ``fn()`` after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    times.sort()
-    return {"median_ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))]}
 
 
 def inference_figures(checkpoint: Path) -> dict:

@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--rti-start", type=float, default=0.3)
     parser.add_argument("--rti-every", type=int, default=1)
     parser.add_argument("--episodes", type=int, default=50)
+    parser.add_argument("--seed-start", type=int, default=100000, help="first environment seed (test: 100000)")
     parser.add_argument("--executors", nargs="+", default=["chunk", "rti"], choices=["chunk", "rti"])
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", default="bench_results/rti_vs_chunk.json")
@@ -44,6 +45,7 @@ def main() -> None:
                 policy,
                 obs_mode="state",
                 n_episodes=args.episodes,
+                seed_start=args.seed_start,
                 n_obs_steps=c.n_obs_steps,
                 n_action_steps=c.n_action_steps,
                 executor=kind,

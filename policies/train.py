@@ -84,10 +84,11 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def measure_step_time(policy_config: Any, task: Any, batch_size: int, n: int = 6) -> float:
+def measure_step_time(policy_config: Any, task: Any, batch_size: int, n: int = 6, compile: bool = False) -> float:
     """Median seconds per training step (loss, backward, AdamW, ``after_optimizer_step``) of a fresh policy of
-    ``policy_config`` on ``task``'s training windows at ``batch_size``, after two warm-up steps. Benchmarks size the
-    cosine schedule to a wall-clock budget with it."""
+    ``policy_config`` on ``task``'s training windows at ``batch_size``, after two warm-up steps (``compile``: the
+    loss through ``torch.compile`` as ``train.compile`` does; compilation happens in the warm-up). Benchmarks size
+    the cosine schedule to a wall-clock budget with it."""
     from policies.registry import make_policy
 
     p = policy_config
@@ -96,11 +97,12 @@ def measure_step_time(policy_config: Any, task: Any, batch_size: int, n: int = 6
     policy.fit_normalizer(train_set.normalizer_data())
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
     batches = train_set.iterate(batch_size, torch.Generator().manual_seed(0))
+    loss_fn = torch.compile(policy.compute_loss) if compile else policy.compute_loss
     times = []
     for _ in range(n + 2):
         batch = next(batches)
         t0 = time.perf_counter()
-        loss, _ = policy.compute_loss(batch)
+        loss, _ = loss_fn(batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
