@@ -2,7 +2,7 @@
 
     robodiff data info <path> [format=...]
     robodiff data convert from=<path> to=<path> [from_format=...] [to_format=...] [reader/writer options]
-    robodiff data generate task=<name> n_episodes=N out=<path> [seed=0] [action_noise=0.0]
+    robodiff data generate task=<name> n_episodes=N out=<path> [seed=0] [action_noise=0.0] [image_size=S]
 
 Values use Hydra's override grammar (``topics={/joint_states:state}``, ``key_map={agent_pos:observation.state}``).
 Options of ``convert`` go to the reader and/or the writer that accepts them (``fps``, ``task``, ``vcodec`` for LeRobot
@@ -12,6 +12,7 @@ one side. User mistakes raise ValueError, which ``cli.main`` reports with exit s
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -152,16 +153,22 @@ def cmd_generate(args: Sequence[str]) -> dict:
     out = Path(str(_take(values, "out", "generate")))
     seed = values.pop("seed", 0)
     action_noise = values.pop("action_noise", 0.0)
+    image_size = values.pop("image_size", None)
     if values:
         raise ValueError(f"unknown option(s) {sorted(values)}; data generate takes task, n_episodes, out, seed, "
-                         "action_noise")  # fmt: skip
+                         "action_noise, image_size")  # fmt: skip
     if not isinstance(n_episodes, int) or isinstance(n_episodes, bool) or n_episodes < 1:
         raise ValueError(f"n_episodes must be a positive integer, got {n_episodes!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if not isinstance(action_noise, int | float) or isinstance(action_noise, bool) or action_noise < 0:
         raise ValueError(f"action_noise must be a number >= 0, got {action_noise!r}")
-    task = make_task(task_config(name))
+    config = task_config(name)
+    if image_size is not None:
+        if not name.startswith("metaworld/"):
+            raise ValueError(f"image_size renders MetaWorld images; task '{name}' records state only")
+        config = dataclasses.replace(config, image_size=image_size)
+    task = make_task(config)
     generate = getattr(task, "generate", None)
     if generate is None:
         raise ValueError(f"task '{name}' cannot generate demonstrations; tasks that can: {generators(task_names())}")

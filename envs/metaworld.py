@@ -7,6 +7,10 @@ envs, task id = position in ``MT10_TASKS``, MetaWorld's own MT10 order).
 Observations (numpy, per env):
 - ``state`` float32 [39]: MetaWorld's observation (hand xyz, gripper opening, two objects' pose padded to 14, the
   same 18 numbers of the previous step, goal xyz). The goal is observable, as in MetaWorld's MT benchmarks.
+- with ``task.image_size`` S set (image observations), instead of ``state``: ``image`` float32 [3, S, S] in [0, 1],
+  the ``corner`` camera rendered offscreen by MuJoCo (needs an OpenGL backend: MUJOCO_GL=osmesa or egl), and
+  ``agent_pos`` float32 [4] (hand xyz + gripper opening, the first four numbers of the state): what a robot with a
+  camera observes, without the privileged object poses.
 - multi-task only: ``task`` int64 [] (MoDE's task token: ``policies.mode`` reads ``obs["task"]``) and
   ``task_onehot`` float32 [n_tasks]. Policies that concatenate their low-dimensional keys (Diffusion Policy,
   transformer, flow) see the task through the one-hot; ``task`` has shape [] so no policy normalizes it as a feature.
@@ -26,7 +30,8 @@ Demonstrations: MetaWorld's scripted expert (``metaworld.policies.ENV_POLICY_MAP
 optional Gaussian noise ``N(0, action_noise^2)`` added to the expert action (then clipped to [-1, 1]); the executed
 action is recorded. An episode ends at its first success or at ``max_steps``. Store (``data.replay_buffer``):
 ``data/state [N, 39] float32``, ``data/action [N, 4] float32``, ``data/reward [N] float32``, ``data/success [N] bool``
-(step t reached success), ``data/task [N] int64``, ``meta/episode_ends``. Failed demos are kept and flagged (their
+(step t reached success), ``data/task [N] int64``, ``meta/episode_ends``, and with ``image_size`` S also
+``data/image [N, S, S, 3] uint8`` (the render before each action). Failed demos are kept and flagged (their
 last ``success`` is False); imitation (``datasets()``) trains on the successful episodes only, offline RL
 (``transitions=True``) on all of them, with reward and terminal = success.
 """
@@ -78,8 +83,13 @@ def env_names_of(name: str) -> tuple[str, ...]:
     return MT10_TASKS if env == "mt10" else (env,)
 
 
-def shape_meta(n_tasks: int) -> dict:
-    obs: dict[str, list[int]] = {"state": [STATE_DIM]}
+AGENT_POS_DIM = 4  # hand xyz + gripper opening: state[:4]
+
+
+def shape_meta(n_tasks: int, image_size: int | None = None) -> dict:
+    obs: dict[str, list[int]] = (
+        {"state": [STATE_DIM]} if image_size is None else {"image": [3, image_size, image_size], "agent_pos": [4]}
+    )
     if n_tasks > 1:
         obs.update(task=[], task_onehot=[n_tasks])
     return {"obs": obs, "action": [ACTION_DIM]}
@@ -87,12 +97,15 @@ def shape_meta(n_tasks: int) -> dict:
 
 class MetaWorldEnv(gym.Env):
     """One MetaWorld v3 env with our evaluation rules (see the module docstring); ``task_id`` of ``n_tasks`` adds the
-    task observations when ``n_tasks > 1``. ``expert_action()`` is the scripted expert's action for the current
-    state. ``render()`` returns an RGB frame [H, W, 3] uint8 (needs an OpenGL backend: MUJOCO_GL=egl or osmesa)."""
+    task observations when ``n_tasks > 1``; ``image_size`` S observes ``image`` [3, S, S] + ``agent_pos`` [4]
+    instead of ``state``. ``expert_action()`` is the scripted expert's action for the current state. ``render()``
+    returns an RGB frame [H, W, 3] uint8 (needs an OpenGL backend: MUJOCO_GL=egl or osmesa)."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 80}  # 12.5 ms per control step (frame_skip 5)
 
-    def __init__(self, env_name: str, task_id: int = 0, n_tasks: int = 1, max_steps: int = 500) -> None:
+    def __init__(
+        self, env_name: str, task_id: int = 0, n_tasks: int = 1, max_steps: int = 500, image_size: int | None = None
+    ) -> None:
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS
         from metaworld.policies import ENV_POLICY_MAP
 
@@ -102,10 +115,11 @@ class MetaWorldEnv(gym.Env):
             raise ValueError(f"task_id must be in [0, n_tasks={n_tasks}), got {task_id}")
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        check_image_size(image_size)
         self.env_name, self.task_id, self.n_tasks, self.max_steps = env_name, task_id, n_tasks, max_steps
-        env = ALL_V3_ENVIRONMENTS[env_name](
-            render_mode="rgb_array", camera_name=CAMERA, width=RENDER_SIZE, height=RENDER_SIZE
-        )
+        self.image_size = image_size
+        size = RENDER_SIZE if image_size is None else image_size
+        env = ALL_V3_ENVIRONMENTS[env_name](render_mode="rgb_array", camera_name=CAMERA, width=size, height=size)
         # MetaWorld's MT setting (env_dict._create_observable_goal_envs): goal in the observation; placements drawn
         # from the env's seeded np_random at every reset instead of a frozen Task rand_vec.
         env._partially_observable = False
@@ -119,13 +133,23 @@ class MetaWorldEnv(gym.Env):
         self.render_mode = "rgb_array"
         self.action_space = gym.spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
         spaces: dict[str, gym.Space] = {"state": gym.spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32)}
+        if image_size is not None:
+            spaces = {
+                "image": gym.spaces.Box(0.0, 1.0, (3, image_size, image_size), np.float32),
+                "agent_pos": gym.spaces.Box(-np.inf, np.inf, (AGENT_POS_DIM,), np.float32),
+            }
         if n_tasks > 1:
             spaces["task"] = gym.spaces.Box(0, n_tasks - 1, (), np.int64)
             spaces["task_onehot"] = gym.spaces.Box(0.0, 1.0, (n_tasks,), np.float32)
         self.observation_space = gym.spaces.Dict(spaces)
 
     def _obs(self) -> dict[str, np.ndarray]:
-        obs = {"state": self._raw.astype(np.float32)}
+        state = self._raw.astype(np.float32)
+        if self.image_size is None:
+            obs = {"state": state}
+        else:
+            frame = self.render()  # [S, S, 3] uint8
+            obs = {"image": np.moveaxis(frame, -1, 0).astype(np.float32) / 255.0, "agent_pos": state[:AGENT_POS_DIM]}
         if self.n_tasks > 1:
             obs["task"] = np.asarray(self.task_id, dtype=np.int64)
             obs["task_onehot"] = np.eye(self.n_tasks, dtype=np.float32)[self.task_id]
@@ -147,6 +171,13 @@ class MetaWorldEnv(gym.Env):
         reward = 1.0 if success else float(np.clip(reward / MAX_REWARD, 0.0, 1.0))
         return self._obs(), reward, success, bool(truncated) and not success, {"success": success}
 
+    @property
+    def state(self) -> np.ndarray:
+        """MetaWorld's full observation [39] float32 of the current step (recorded in demonstrations in any mode)."""
+        if self._raw is None:
+            raise RuntimeError("call reset() before reading the state")
+        return self._raw.astype(np.float32)
+
     def expert_action(self) -> np.ndarray:
         """MetaWorld's scripted expert action [4] for the current (raw float64) observation."""
         if self._raw is None:
@@ -154,10 +185,16 @@ class MetaWorldEnv(gym.Env):
         return np.asarray(self._expert.get_action(self._raw), dtype=np.float32)
 
     def render(self) -> np.ndarray:
-        return self._env.render()
+        # MetaWorld's corner camera comes out upside down (MuJoCo's bottom-up rows): flip to a viewer's orientation.
+        return np.ascontiguousarray(self._env.render()[::-1])
 
     def close(self) -> None:
         self._env.close()
+
+
+def check_image_size(image_size: int | None) -> None:
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8):
+        raise ValueError(f"image_size must be an int >= 8 (pixels) or None for state observations, got {image_size!r}")
 
 
 @functools.cache
@@ -191,17 +228,19 @@ class MetaWorldTask:
     def __init__(self, config: TaskConfig) -> None:
         self.config = config
         self.env_names = env_names_of(config.name)
-        self.shape_meta = shape_meta(len(self.env_names))
+        check_image_size(config.image_size)
+        self.shape_meta = shape_meta(len(self.env_names), config.image_size)
 
     @property
     def dataset_path(self) -> Path:
-        return dataset_path(self.config, "metaworld", f"{self.config.name.partition('/')[2]}.zarr")
+        suffix = "" if self.config.image_size is None else f"_image{self.config.image_size}"
+        return dataset_path(self.config, "metaworld", f"{self.config.name.partition('/')[2]}{suffix}.zarr")
 
     def env_fn(self, task_id: int) -> functools.partial:
         """A picklable factory of the env of ``env_names[task_id]`` (for ``envs.evaluate`` and RL rollouts)."""
-        return functools.partial(
-            MetaWorldEnv, self.env_names[task_id], task_id, len(self.env_names), self.config.max_steps
-        )
+        c = self.config
+        n_tasks = len(self.env_names)
+        return functools.partial(MetaWorldEnv, self.env_names[task_id], task_id, n_tasks, c.max_steps, c.image_size)
 
     # -- data ----------------------------------------------------------------------------------------------------
     def generate(
@@ -225,6 +264,8 @@ class MetaWorldTask:
                 f"demonstration seeds {seed}..{seed + n_episodes - 1} must be >= 0 and must not overlap the evaluation "
                 f"seeds {c.eval_seed_start}..{c.eval_seed_start + c.eval_episodes - 1} (task.eval_seed_start)"
             )
+        if c.image_size is not None and rendering_error() is not None:
+            raise RuntimeError(f"task.image_size={c.image_size} renders images: {rendering_error()}")
         out = Path(out).expanduser() if out is not None else self.dataset_path
         buffer = ReplayBuffer()
         failed: dict[str, list[int]] = {}
@@ -271,8 +312,23 @@ class MetaWorldTask:
                 f"no MetaWorld data for {self.config.name} at {path}; generate it with "
                 f"`robodiff data generate task={self.config.name} n_episodes=50` (or pass task.dataset_path=<store>)"
             )
-        buffer = ReplayBuffer.load(path, keys=["state", "action", "reward", "success", "task"])
+        size = self.config.image_size
+        keys = ["state", "action", "reward", "success", "task"] + (["image"] if size is not None else [])
+        try:
+            buffer = ReplayBuffer.load(path, keys=keys, image_keys=["image"] if size is not None else [])
+        except KeyError as err:
+            if size is None:
+                raise
+            raise ValueError(
+                f"{path} has no rendered images ({err}); generate image data with `robodiff data generate "
+                f"task={self.config.name} task.image_size={size} ...` into another store"
+            ) from err
         d = buffer.data
+        if size is not None and d["image"].shape[1:] != (size, size, 3):
+            raise ValueError(
+                f"{path}: data/image has frames {list(d['image'].shape[1:])}, expected [{size}, {size}, 3] for "
+                f"task.image_size={size}"
+            )
         if d["state"].shape[1:] != (STATE_DIM,) or d["action"].shape[1:] != (ACTION_DIM,):
             raise ValueError(
                 f"{path}: expected data/state [N, {STATE_DIM}] and data/action [N, {ACTION_DIM}], got "
@@ -302,9 +358,12 @@ class MetaWorldTask:
         train_mask, val_mask = np.zeros(buffer.n_episodes, bool), np.zeros(buffer.n_episodes, bool)
         train_mask[idx[train_sub]], val_mask[idx[val_sub]] = True, True
         obs: dict[str, np.ndarray] = {"state": d["state"]}
+        kwargs: dict[str, Any] = dict(horizon=horizon, n_obs_steps=n_obs_steps, n_action_steps=n_action_steps)
+        if c.image_size is not None:
+            obs = {"image": d["image"], "agent_pos": d["state"][:, :AGENT_POS_DIM]}
+            kwargs["image_keys"] = ["image"]
         if len(self.env_names) > 1:
             obs.update(task=d["task"], task_onehot=np.eye(len(self.env_names), dtype=np.float32)[d["task"]])
-        kwargs: dict[str, Any] = dict(horizon=horizon, n_obs_steps=n_obs_steps, n_action_steps=n_action_steps)
         if transitions:
             kwargs.update(reward=d["reward"], terminal=d["success"])
         return (
@@ -359,27 +418,33 @@ def rollout_expert(
     env: MetaWorldEnv, seed: int, action_noise: float, rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
     """One expert episode from ``seed``: per-step arrays state [T, 39], action [T, 4] (executed: expert + noise,
-    clipped), reward [T], success [T]; it ends at the first success or when the env truncates."""
+    clipped), reward [T], success [T], and with an image env image [T, S, S, 3] uint8; it ends at the first success
+    or when the env truncates."""
     obs, _ = env.reset(seed=seed)
-    states, actions, rewards, successes = [], [], [], []
+    steps: dict[str, list] = {"state": [], "action": [], "reward": [], "success": [], "image": []}
     while True:
         action = env.expert_action()
         if action_noise > 0:
             action = action + rng.normal(0.0, action_noise, ACTION_DIM).astype(np.float32)
         action = np.clip(action, -1.0, 1.0)
-        states.append(obs["state"])
-        actions.append(action)
+        steps["state"].append(env.state)
+        if env.image_size is not None:
+            steps["image"].append(np.round(np.moveaxis(obs["image"], 0, -1) * 255.0).astype(np.uint8))
+        steps["action"].append(action)
         obs, reward, terminated, truncated, _ = env.step(action)
-        rewards.append(reward)
-        successes.append(terminated)
+        steps["reward"].append(reward)
+        steps["success"].append(terminated)
         if terminated or truncated:
             break
-    return {
-        "state": np.stack(states),
-        "action": np.stack(actions),
-        "reward": np.asarray(rewards, np.float32),
-        "success": np.asarray(successes, bool),
+    episode = {
+        "state": np.stack(steps["state"]),
+        "action": np.stack(steps["action"]),
+        "reward": np.asarray(steps["reward"], np.float32),
+        "success": np.asarray(steps["success"], bool),
     }
+    if env.image_size is not None:
+        episode["image"] = np.stack(steps["image"])
+    return episode
 
 
 def merge_results(results: Mapping[str, EvalResult]) -> MultiTaskEvalResult:

@@ -28,6 +28,9 @@ class TaskConfig:
     # policies trained on different subsets share one action normalization (composition requires it)
     normalizer_episodes: str = "train"
     split_seed: int = 42
+    # MetaWorld: observe a rendered RGB image of this many pixels square + the hand (agent_pos) instead of the
+    # 39-number state (needs an OpenGL backend for MuJoCo: MUJOCO_GL=osmesa or egl); None: state observations
+    image_size: int | None = None
     eval_seed_start: int = 100000  # Diffusion Policy's Push-T test seeds are 100000..100049
     eval_episodes: int = 50
     max_steps: int = 300

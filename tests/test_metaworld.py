@@ -238,3 +238,69 @@ def test_mode_reads_mt10_task_ids(tmp_path):
     task.config.max_steps, task.config.n_envs = 2, 1
     result = task.evaluate(policy.eval(), n_obs_steps=2, n_action_steps=4, n_episodes=1, progress=False)
     assert list(result.success_per_task) == list(MT10_TASKS) and result.n_episodes == 10
+
+
+def test_image_observations_generate_train_and_eval(tmp_path):
+    """task.image_size: rendered corner-camera images + the hand instead of the 39-number state, through data
+    generation (robodiff data generate ... image_size=S), the image dataset, training and evaluation."""
+    reason = rendering_error()
+    if reason is not None:
+        pytest.skip(f"no OpenGL backend for MuJoCo offscreen rendering (set MUJOCO_GL=egl or osmesa): {reason}")
+    from cli.data_cmd import cmd_data
+    from cli.main import cmd_train
+
+    env = MetaWorldEnv("reach-v3", image_size=32)
+    obs, _ = env.reset(seed=0)
+    assert sorted(obs) == ["agent_pos", "image"] and env.observation_space["image"].shape == (3, 32, 32)
+    assert obs["image"].shape == (3, 32, 32) and obs["image"].dtype == np.float32 and obs["image"].min() >= 0.0
+    assert obs["image"].max() <= 1.0 and obs["image"].std() > 0
+    np.testing.assert_array_equal(obs["agent_pos"], env.state[:4])
+    moved, *_ = env.step(np.array([1.0, 0.0, 0.0, 0.0], np.float32))
+    assert not np.array_equal(moved["image"], obs["image"])  # the frame follows the arm
+
+    store = tmp_path / "reach_image.zarr"
+    report = cmd_data(["generate", "task=metaworld/reach-v3", "n_episodes=2", f"out={store}", "image_size=32"])
+    assert report["episodes"] == 2 and report["success_rate"] == 1.0
+    buf = ReplayBuffer.load(store)
+    assert buf.data["image"].shape == (buf.n_steps, 32, 32, 3) and buf.data["image"].dtype == np.uint8
+    task = make_task(TaskConfig(name="metaworld/reach-v3", dataset_path=str(store), image_size=32, val_ratio=0.0))
+    assert task.shape_meta["obs"] == {"image": [3, 32, 32], "agent_pos": [4]}
+    train, _ = task.datasets(8, 2, 4)
+    batch = train.get_batch(torch.arange(3))
+    assert batch["obs"]["image"].shape == (3, 2, 3, 32, 32) and batch["obs"]["image"].max() <= 1.0
+    state_only = ReplayBuffer()
+    state_only.add_episode({k: v[:5] for k, v in buf.data.items() if k != "image"})
+    state_only.save(tmp_path / "state_only.zarr")
+    no_images = TaskConfig(name="metaworld/reach-v3", dataset_path=str(tmp_path / "state_only.zarr"), image_size=32)
+    with pytest.raises(ValueError, match=r"has no rendered images .*task.image_size=32"):
+        make_task(no_images).load()
+    with pytest.raises(ValueError, match="image_size must be an int >= 8"):
+        MetaWorldEnv("reach-v3", image_size=4)
+
+    out = cmd_train(
+        [
+            "task=metaworld/reach-v3",
+            f"task.dataset_path={store}",
+            "task.image_size=32",
+            "task.val_ratio=0.0",
+            "task.eval_episodes=1",
+            "task.max_steps=4",
+            "task.n_envs=1",
+            "policy=diffusion_unet",
+            "policy.down_dims=[16,32]",
+            "policy.diffusion_step_embed_dim=16",
+            "policy.horizon=8",
+            "policy.n_action_steps=4",
+            "policy.crop_shape=[28,28]",
+            "policy.vision_keypoints=4",
+            "train.steps=2",
+            "train.batch_size=8",
+            "train.warmup_steps=1",
+            "train.val_every=0",
+            "train.num_threads=1",
+            "logger=none",
+            "video=false",
+            f"run_dir={tmp_path / 'run'}",
+        ]
+    )
+    assert out["step"] == 2 and out["n_episodes"] == 1 and 0.0 <= out["score"] <= 1.0
