@@ -47,6 +47,7 @@ def worker_robodiff(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import policies  # noqa: F401  (registers every policy)
     from envs.tasks import TaskConfig, make_task
+    from policies.onnx_backend import use_onnx
     from policies.registry import config_from_dict, make_policy
     from policies.train import measure_step_time
 
@@ -72,6 +73,11 @@ def worker_robodiff(args: argparse.Namespace) -> dict:
         out["parameters"] = sum(p.numel() for p in policy.parameters())
         with torch.no_grad():
             out["latency_ms"][name] = median_ms(lambda p=policy: p.predict_action_chunk(obs), args.repeats)
+            if args.onnx:  # backend=onnx: the same policy's UNet through ONNX Runtime
+                use_onnx(policy, threads=args.threads)
+                out["latency_ms"][f"{name} onnx"] = median_ms(
+                    lambda p=policy: p.predict_action_chunk(obs), args.repeats
+                )
     return out
 
 
@@ -142,7 +148,11 @@ def worker_lerobot(args: argparse.Namespace) -> dict:
 
 def run_worker(python: str, impl: str, args: argparse.Namespace) -> dict:
     cmd = [python, __file__, "--worker", impl, "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
-    cmd += ["--train-steps", str(args.train_steps), "--repeats", str(args.repeats)] + ["--compile"] * args.compile
+    cmd += (
+        ["--train-steps", str(args.train_steps), "--repeats", str(args.repeats)]
+        + ["--compile"] * args.compile
+        + ["--onnx"] * args.onnx
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
@@ -160,6 +170,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=10, help="timed training steps per round")
     parser.add_argument("--repeats", type=int, default=30, help="timed chunk queries per sampler per round")
     parser.add_argument("--compile", action="store_true", help="also time robodiff's step with train.compile=true")
+    parser.add_argument("--onnx", action="store_true", help="also time robodiff's chunks with backend=onnx")
     parser.add_argument("--out", default="bench_results/lerobot_speed.json")
     args = parser.parse_args()
     if args.worker:
@@ -186,7 +197,7 @@ def main() -> None:
             "torch": rs[0]["torch"],
             "train_step_ms": step,
             "train_samples_per_s": args.batch_size / step * 1000,
-            "latency_ms": {k: statistics.median(x["latency_ms"][k] for x in rs) for k in SAMPLERS},
+            "latency_ms": {k: statistics.median(x["latency_ms"][k] for x in rs) for k in rs[0]["latency_ms"]},
         }
         if "train_step_ms_compiled" in rs[0]:
             compiled = statistics.median(x["train_step_ms_compiled"] for x in rs)
@@ -204,7 +215,10 @@ def main() -> None:
             if "train_samples_per_s_compiled" in ours
             else {}
         ),
-        **{f"latency_{k}_robodiff_over_lerobot": ours["latency_ms"][k] / theirs["latency_ms"][k] for k in SAMPLERS},
+        **{
+            f"latency_{k}_robodiff_over_lerobot": ours["latency_ms"][k] / theirs["latency_ms"][k.removesuffix(" onnx")]
+            for k in ours["latency_ms"]
+        },
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2))

@@ -54,6 +54,7 @@ class EvalRunConfig:
     output_dir: str | None = None  # default: <checkpoint>/eval
     video: bool = True
     device: str = "cpu"
+    backend: str = "torch"  # "onnx": the UNet through ONNX Runtime (policies.onnx_backend; the onnx extra)
 
     def __post_init__(self) -> None:
         if self.n_episodes < 1:
@@ -104,6 +105,7 @@ class DeployRunConfig:
     discrete_dims: list[int] | None = None
     snap_values: list[float] | None = None
     torch_threads: int = 1  # of the inference process
+    backend: str = "torch"  # "onnx": the UNet through ONNX Runtime in the inference process (the onnx extra)
     # sim_pusht: episodes on the test seeds; ros2: one run of max_duration_s.
     n_episodes: int = 1
     seed_start: int = 100000

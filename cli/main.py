@@ -230,6 +230,7 @@ def cmd_eval(overrides: Sequence[str]) -> dict:
     from cli.config import executor_options
     from envs.tasks import TaskConfig, make_task
     from policies.checkpoint import load_policy, read_config
+    from policies.onnx_backend import check_backend, use_onnx
     from policies.train import available_cores
 
     cfg = compose("eval", overrides)
@@ -244,7 +245,9 @@ def cmd_eval(overrides: Sequence[str]) -> dict:
     torch.set_num_threads(available_cores())
     try:
         policy = load_policy(ckpt, device=cfg.device, **inference)
-    except ValueError as err:
+        if check_backend(cfg.backend) == "onnx":
+            use_onnx(policy)
+    except (ImportError, ValueError) as err:
         raise UsageError(f"cannot load {ckpt}: {err}") from err
     task_values = dict(saved.get("task") or {"name": "pusht_state"})
     for key, field in (("seed_start", "eval_seed_start"), ("n_envs", "n_envs"), ("max_steps", "max_steps")):
@@ -302,6 +305,8 @@ def cmd_deploy(overrides: Sequence[str]) -> dict:
     inference |= executor_options(cfg)
     if cfg.temporal_ensemble is not None:
         inference["temporal_ensemble"] = cfg.temporal_ensemble
+    if cfg.backend != "torch":
+        inference["backend"] = cfg.backend
     loop_values = {**dataclasses.asdict(cfg.loop), "mode": loop_mode(cfg.executor)}
     out = Path(cfg.output_dir) if cfg.output_dir else ckpt / "deploy"
     robot = cfg.robot

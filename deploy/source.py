@@ -22,6 +22,7 @@ import torch
 from envs import executor as executors
 from policies.base import Policy
 from policies.checkpoint import load_policy, read_config
+from policies.onnx_backend import check_backend, use_onnx
 
 # make_executor's own arguments, filled here from the policy config; everything else it takes is an option.
 EXECUTOR_ARGUMENTS = ("kind", "policy", "n_obs_steps", "n_action_steps", "device")
@@ -118,10 +119,12 @@ def executor_option_names() -> tuple[list[str], bool]:
 
 
 def load_action_source(
-    checkpoint: str | Path, executor: str | None = None, device: str = "cpu", **overrides: Any
+    checkpoint: str | Path, executor: str | None = None, device: str = "cpu", backend: str = "torch", **overrides: Any
 ) -> ActionSource:
     """Checkpoint directory -> ``ActionSource``. ``executor`` is one of ``envs.executor.EXECUTORS`` (None: the
-    policy's ``default_executor`` or "chunk"); ``overrides`` are policy inference fields or executor options."""
+    policy's ``default_executor`` or "chunk"); ``backend`` "onnx" runs the policy's UNet through ONNX Runtime
+    (``policies.onnx_backend``); ``overrides`` are policy inference fields or executor options."""
+    check_backend(backend)
     if executor is not None and executor not in executors.EXECUTORS:
         raise ValueError(f"executor must be one of {executors.EXECUTORS}, got {executor!r}")
     saved = read_config(checkpoint)
@@ -146,6 +149,8 @@ def load_action_source(
             raise
         # e.g. a down_dims or n_obs_steps override no longer matches the saved weights
         raise ValueError(f"cannot load {checkpoint} with policy overrides {policy_overrides}: {err}") from err
+    if backend == "onnx":
+        use_onnx(policy)
     kind = executor if executor is not None else getattr(policy, "default_executor", "chunk")
     try:
         runner = executors.make_executor(
