@@ -21,6 +21,16 @@ from envs.metaworld import (  # noqa: E402
 )
 from envs.tasks import METAWORLD_TASKS, TaskConfig, make_task, task_names  # noqa: E402
 
+# a tiny Diffusion Policy and a two-step run, for the CLI smoke tests
+TINY_DP = [
+    "policy=diffusion_unet",
+    "policy.down_dims=[16,32]",
+    "policy.diffusion_step_embed_dim=16",
+    "policy.horizon=8",
+    "policy.n_action_steps=4",
+]
+TWO_STEPS = ["train.steps=2", "train.warmup_steps=1", "train.val_every=0", "train.num_threads=1"]
+
 
 def reach_task(tmp_path, **kwargs) -> MetaWorldTask:
     return make_task(TaskConfig(name="metaworld/reach-v3", dataset_path=str(tmp_path / "reach.zarr"), **kwargs))
@@ -187,16 +197,9 @@ def test_robodiff_train_and_eval_on_reach(reach_data, tmp_path):
             "task.eval_episodes=1",
             "task.max_steps=6",
             "task.n_envs=1",
-            "policy=diffusion_unet",
-            "policy.down_dims=[16,32]",
-            "policy.diffusion_step_embed_dim=16",
-            "policy.horizon=8",
-            "policy.n_action_steps=4",
-            "train.steps=2",
+            *TINY_DP,
+            *TWO_STEPS,
             "train.batch_size=16",
-            "train.warmup_steps=1",
-            "train.val_every=0",
-            "train.num_threads=1",
             "logger=none",
             "video=true",
             f"run_dir={run_dir}",
@@ -286,18 +289,11 @@ def test_image_observations_generate_train_and_eval(tmp_path):
             "task.eval_episodes=1",
             "task.max_steps=4",
             "task.n_envs=1",
-            "policy=diffusion_unet",
-            "policy.down_dims=[16,32]",
-            "policy.diffusion_step_embed_dim=16",
-            "policy.horizon=8",
-            "policy.n_action_steps=4",
+            *TINY_DP,
             "policy.crop_shape=[28,28]",
             "policy.vision_keypoints=4",
-            "train.steps=2",
+            *TWO_STEPS,
             "train.batch_size=8",
-            "train.warmup_steps=1",
-            "train.val_every=0",
-            "train.num_threads=1",
             "logger=none",
             "video=false",
             f"run_dir={tmp_path / 'run'}",
