@@ -150,6 +150,7 @@ def main() -> None:
         )
         result["rows"][name] = row
         out.write_text(json.dumps(result, indent=2, default=float))  # partial results survive an interruption
+    out.write_text(json.dumps(result, indent=2, default=float))  # rows kept from --out after the last one run
     print(json.dumps(result, indent=2, default=float))
 
 
