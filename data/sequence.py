@@ -147,10 +147,10 @@ class SequenceDataset(torch.utils.data.Dataset):
         self.indices = torch.from_numpy(
             window_indices(episode_ends, horizon + extra, n_obs_steps - 1, n_action_steps - 1 + extra, episode_mask)
         )
-        # Steps that normalizer_data covers: the windows' own steps, or every step of the stats_mask episodes.
-        self._stats_steps = torch.unique(self.indices)
-        if stats_mask is not None:
-            self._stats_steps = torch.unique(torch.from_numpy(window_indices(episode_ends, 1, episode_mask=stats_mask)))
+        # Every step of these episodes is what normalizer_data covers (None: the windows' own steps).
+        self._stats_episodes = None if stats_mask is None else (np.asarray(episode_ends), np.asarray(stats_mask, bool))
+        if stats_mask is not None and self._stats_episodes[1].shape != np.shape(episode_ends):
+            raise ValueError(f"stats_mask has shape {np.shape(stats_mask)}, expected {np.shape(episode_ends)}")
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -185,7 +185,11 @@ class SequenceDataset(torch.utils.data.Dataset):
         """Every low-dimensional key (observations and ``action``) over the steps this dataset covers, or over the
         episodes of ``stats_mask`` when given (e.g. every episode of the file, so that policies trained on
         different subsets share one normalization and can be composed)."""
-        steps = self._stats_steps
+        if self._stats_episodes is None:
+            steps = torch.unique(self.indices)
+        else:
+            ends, mask = self._stats_episodes
+            steps = torch.from_numpy(window_indices(ends, 1, episode_mask=mask)[:, 0])  # each step once, in order
         out = {k: v[steps].float() for k, v in self.obs.items() if k not in self.image_keys}
         out["action"] = self.action[steps]
         return out
