@@ -87,9 +87,9 @@ AGENT_POS_DIM = 4  # hand xyz + gripper opening: state[:4]
 
 
 def shape_meta(n_tasks: int, image_size: int | None = None) -> dict:
-    obs: dict[str, list[int]] = (
-        {"state": [STATE_DIM]} if image_size is None else {"image": [3, image_size, image_size], "agent_pos": [4]}
-    )
+    obs: dict[str, list[int]] = {"state": [STATE_DIM]}
+    if image_size is not None:
+        obs = {"image": [3, image_size, image_size], "agent_pos": [AGENT_POS_DIM]}
     if n_tasks > 1:
         obs.update(task=[], task_onehot=[n_tasks])
     return {"obs": obs, "action": [ACTION_DIM]}
@@ -144,7 +144,7 @@ class MetaWorldEnv(gym.Env):
         self.observation_space = gym.spaces.Dict(spaces)
 
     def _obs(self) -> dict[str, np.ndarray]:
-        state = self._raw.astype(np.float32)
+        state = self.state
         if self.image_size is None:
             obs = {"state": state}
         else:
