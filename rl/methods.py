@@ -49,6 +49,7 @@ class MethodContext:
     seed: int = 0
     device: str = "cpu"
     task: Any = None  # envs.tasks.Task: demonstrations (DSRL-NA, world model) and evaluation protocol
+    env_step_budget: int | None = None  # the run's real-step budget (loop.total_env_steps); world_model stops there
 
 
 class Method(abc.ABC):

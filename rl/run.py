@@ -100,7 +100,11 @@ def adapt(
         seed=loop_config.seed,
         device=device,
     )
-    algo = method.build(base, loop, MethodContext(seed=loop_config.seed, device=device, task=task))
+    algo = method.build(
+        base,
+        loop,
+        MethodContext(seed=loop_config.seed, device=device, task=task, env_step_budget=loop_config.total_env_steps),
+    )
     evals: list[dict] = []
     if resume:
         evals = _load_state(ckpt_dir, algo, loop)

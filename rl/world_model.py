@@ -338,12 +338,17 @@ class WorldModel(Method):
 
     @torch.no_grad()
     def collect_real(self, n_steps: int) -> None:
-        """At least ``n_steps`` real steps, whole chunks, with the current policy sampled as it acts (the base's own
-        noise in the first cycle; then the adapter with a random ``noise``: DSRL's stochastic latent actor, the
-        DPPO copy's random initial noise). Decisions of one step each, so every step's state becomes a transition."""
+        """``n_steps`` real steps (capped by what is left of ``MethodContext.env_step_budget``), with the current
+        policy sampled as it acts (the base's own noise in the first cycle; then the adapter with a random
+        ``noise``: DSRL's stochastic latent actor, the DPPO copy's random initial noise). Decisions of one step
+        each, so every step's state becomes a transition, and collection stops at the step that reaches the count
+        (a chunk cut there is replanned next cycle): the count overshoots by fewer than ``n_envs`` steps, where
+        whole chunk rounds overshot by up to ``n_envs * n_action_steps`` per cycle."""
         policy = self.base if self.cycles == 0 else self.adapter
         pc = self.base.config
         start = self.loop.env_steps
+        if self.context.env_step_budget is not None:
+            n_steps = min(n_steps, self.context.env_step_budget - start)
         while self.loop.env_steps - start < n_steps:
             if self.real_obs is None or self.loop.round_over:
                 self.real_obs = self.loop.reset()
@@ -358,7 +363,7 @@ class WorldModel(Method):
                 decision = self.loop.step(action[:, None])
                 self._add_real(obs, action, decision.obs, torch.as_tensor(decision.live, device=self.device))
                 obs = decision.obs
-                if self.loop.round_over:
+                if self.loop.round_over or self.loop.env_steps - start >= n_steps:
                     break
             self.real_obs = obs
 

@@ -90,11 +90,12 @@ TINY = dict(
 def build(task):
     loops: list[EnvLoop] = []
 
-    def make(policy_update: str = "dppo", base=None, **fields):
+    def make(policy_update: str = "dppo", base=None, budget: int | None = None, **fields):
         loop = EnvLoop("state", 2, 2, max_steps=20)
         loops.append(loop)
         config = WorldModelConfig(policy_update=policy_update, **(TINY | fields))
-        return config.build(base if base is not None else tiny_base(), loop, MethodContext(task=task))
+        context = MethodContext(task=task, env_step_budget=budget)
+        return config.build(base if base is not None else tiny_base(), loop, context)
 
     yield make
     for loop in loops:
@@ -197,6 +198,16 @@ def test_iterate_keeps_the_base_frozen_and_bit_identical_and_counts_steps(build,
     assert logs["train/imagined_steps"] == method.imagined.env_steps >= 24
     assert math.isfinite(logs["model/one_step_mse_heldout"])
     assert any(not torch.equal(a, b) for a, b in zip(learned(), adapter_before, strict=True))  # the policy learned
+
+
+def test_real_collection_stops_at_the_cycle_count_and_the_run_budget(build):
+    # 2 envs, chunks of 4 executed steps: whole chunks would collect 8 real steps per cycle, 16 after two.
+    method = build(real_steps_per_cycle=6, budget=9)
+    method.iterate()
+    assert method.loop.env_steps == 6  # 3 steps of 2 live envs, the chunk cut there
+    method.iterate()
+    assert 9 <= method.loop.env_steps < 9 + method.loop.n_envs  # the budget's 3 steps left: 2 steps of 2 envs
+    assert len(method.real["train"]["x"]) + len(method.real["heldout"]["x"]) == method.loop.env_steps
 
 
 def test_state_round_trip(build):
