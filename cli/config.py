@@ -53,6 +53,7 @@ class EvalRunConfig:
     snap_values: list[float] | None = None
     output_dir: str | None = None  # default: <checkpoint>/eval
     video: bool = True
+    seed: int | None = 0  # torch seeded before the rollouts (sampling noise): reruns repeat exactly; null: unseeded
     device: str = "cpu"
     backend: str = "torch"  # "onnx": the UNet through ONNX Runtime (policies.onnx_backend; the onnx extra)
 

@@ -257,6 +257,8 @@ def cmd_eval(overrides: Sequence[str]) -> dict:
     out = Path(cfg.output_dir) if cfg.output_dir else ckpt / "eval"
     out.mkdir(parents=True, exist_ok=True)
     pc = policy.config
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
     try:
         result = task.evaluate(
             policy,
@@ -271,7 +273,7 @@ def cmd_eval(overrides: Sequence[str]) -> dict:
         )
     except ValueError as err:  # an executor that does not fit the policy, an unknown option
         raise UsageError(str(err)) from err
-    record = {"checkpoint": str(ckpt), **result.to_dict()}
+    record = {"checkpoint": str(ckpt), "seed": cfg.seed, **result.to_dict()}
     (out / "eval.json").write_text(json.dumps(record, indent=2))
     print(
         f"{record['n_episodes']} episodes: score {record['score']:.3f}, success {record['success_rate']:.2%} "

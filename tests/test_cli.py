@@ -63,6 +63,23 @@ def test_train_resume_eval(tmp_path, pusht_path):
     assert {"score", "success_rate", "n_episodes"} <= set(result) and result["n_episodes"] == 2
     assert (latest / "eval" / "eval.json").exists() and (latest / "eval" / "rollout.mp4").stat().st_size > 0
 
+    # The sampling noise is seeded: the same command gives the same episodes.
+    reruns = []
+    for i in range(2):
+        out_dir = tmp_path / f"seeded_{i}"
+        robodiff(
+            "eval",
+            f"checkpoint={latest}",
+            "n_episodes=2",
+            "max_steps=12",
+            "video=false",
+            "seed=3",
+            f"output_dir={out_dir}",
+        )
+        reruns.append(json.loads((out_dir / "eval.json").read_text()))
+    assert reruns[0]["seed"] == 3
+    assert reruns[0]["max_rewards"] == reruns[1]["max_rewards"] and reruns[0]["lengths"] == reruns[1]["lengths"]
+
     # Warm-started RTI through the same evaluation; an option of another executor is a clear error.
     result = last_json(
         robodiff(
