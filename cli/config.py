@@ -148,6 +148,7 @@ class ComposeSearchConfig:
     step: float = 0.1  # two parents: the weight grid 0, 0.1, ..., 1
     coarse_step: float = 0.25  # three or more: the first simplex lattice, then refined
     rounds: int = 2  # refinements (halving the step around the best point)
+    scales: list[float] | None = None  # operator=product: total weights to try, the grid run as s * w for each s
     noise_seeds: int = 1  # rollouts per candidate, sampling noise seeded noise_seed, noise_seed + 1, ...
 
 

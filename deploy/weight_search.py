@@ -3,9 +3,10 @@ and report it on held-out seeds that the search never saw.
 
 Two parents: every weight on a grid of ``step`` (0, 0.1, ..., 1 by default; the end points are the parents alone).
 Three or more: coarse to fine on the simplex: every lattice point of ``coarse_step``, then ``rounds`` times the lattice
-of half the step within one old step (max-norm) of the best point so far. The search depends only on an
-``evaluate(weights) -> (score, success_rate)`` callable, so it is tested on synthetic score functions; ``run_search``
-binds it to rollouts on the validation seeds.
+of half the step within one old step (max-norm) of the best point so far. The product operator's weights need not
+sum to one: its search runs the same grid once per total weight in ``scales`` (candidates ``s * w``). The search
+depends only on an ``evaluate(weights) -> (score, success_rate)`` callable, so it is tested on synthetic score
+functions; ``compose_and_search`` binds it to rollouts on the validation seeds.
 """
 
 from __future__ import annotations
@@ -96,11 +97,16 @@ def search_weights(
     coarse_step: float = 0.25,
     rounds: int = 2,
     progress: bool = True,
+    scales: Sequence[float] = (1.0,),
 ) -> SearchResult:
     """Evaluate candidate weights and return every result and the best (highest score, then success rate; ties go
-    to the point evaluated first). Each weight vector is evaluated once."""
+    to the point evaluated first). Each weight vector is evaluated once. ``scales``: the grid (or coarse-to-fine
+    search) of weights summing to one is run for each total weight ``s``, as ``s * w`` (the product operator)."""
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
+    scales = tuple(float(x) for x in scales)
+    if not scales or not all(math.isfinite(x) and x > 0 for x in scales):
+        raise ValueError(f"scales must be one or more finite totals > 0, got {list(scales)}")
     results: dict[Weights, WeightResult] = {}
     bar = tqdm(desc="weight search", unit="weights", disable=not progress)
 
@@ -117,14 +123,20 @@ def search_weights(
             bar.set_postfix(best=",".join(f"{x:g}" for x in best.weights), score=f"{best.score:.3f}")
             bar.update()
 
+    def scaled(total: float, candidates: Sequence[Weights]) -> list[Weights]:
+        return [tuple(total * x for x in w) for w in candidates]
+
     try:
-        if n_parents == 2:
-            run(simplex_grid(2, step))
-        else:
+        for total in scales:
+            if n_parents == 2:
+                run(scaled(total, simplex_grid(2, step)))
+                continue
             s = coarse_step
-            run(simplex_grid(n_parents, s))
+            run(scaled(total, simplex_grid(n_parents, s)))
             for _ in range(rounds):
-                run(_neighbourhood(_best(results.values()).weights, s / 2, s))
+                this_scale = [r for r in results.values() if abs(sum(r.weights) - total) <= 1e-6 * total]
+                center = tuple(x / total for x in _best(this_scale).weights)
+                run(scaled(total, _neighbourhood(center, s / 2, s)))
                 s /= 2
     finally:
         bar.close()
@@ -163,12 +175,15 @@ def plot_search(result: SearchResult, path: str | Path, names: Sequence[str], ti
     path = Path(path)
     fig, ax = plt.subplots(figsize=(6, 4))
     if len(result.best.weights) == 2:
-        rows = sorted(result.table, key=lambda r: r.weights[1])
-        x = [r.weights[1] for r in rows]
-        ax.plot(x, [r.score for r in rows], "o-", label="score")
-        ax.plot(x, [r.success_rate for r in rows], "s--", label="success rate")
-        ax.axvline(result.best.weights[1], color="gray", lw=0.8, ls=":")
-        ax.set_xlabel(f"weight of {names[1]} (1 - weight of {names[0]})")
+        totals = sorted({round(sum(r.weights), 6) for r in result.table})
+        for total in totals:  # one curve per total weight (several only for a product search over scales)
+            rows = sorted((r for r in result.table if round(sum(r.weights), 6) == total), key=lambda r: r.weights[1])
+            x = [r.weights[1] / total for r in rows]
+            suffix = f" (w sum {total:g})" if len(totals) > 1 else ""
+            ax.plot(x, [r.score for r in rows], "o-", label="score" + suffix)
+            ax.plot(x, [r.success_rate for r in rows], "s--", label="success rate" + suffix)
+        ax.axvline(result.best.weights[1] / sum(result.best.weights), color="gray", lw=0.8, ls=":")
+        ax.set_xlabel(f"share of {names[1]} in the weights (the rest: {names[0]})")
     else:
         rows = sorted(result.table, key=lambda r: r.score)
         ax.plot(range(len(rows)), [r.score for r in rows], "o", label="score")
@@ -208,13 +223,16 @@ def compose_and_search(
     step: float = 0.1,
     coarse_step: float = 0.25,
     rounds: int = 2,
+    scales: Sequence[float] | None = None,
     progress: bool = True,
     eval_rollout: Rollout | None = None,
     on_search: Callable[[SearchResult], None] | None = None,
     **compose_options: Any,
 ) -> tuple[Any, SearchResult | None, dict[str, Any]]:
     """Compose ``parents``, search the weights on ``search_seeds`` (unless ``weights`` are given) and report the
-    parents and the chosen composition on the held-out ``eval_seeds``, which the search never rolls out.
+    parents and the chosen composition on the held-out ``eval_seeds``, which the search never rolls out. A product
+    search needs ``scales``, the total weights to try (see ``search_weights``); convex and mixture weights sum to
+    one, so they take none.
     ``eval_rollout`` (default ``rollout``) runs the held-out report, e.g. averaged over more sampling-noise seeds;
     ``on_search`` receives the search as soon as it ends (to save it before the held-out rollouts).
 
@@ -226,15 +244,22 @@ def compose_and_search(
     n = len(parents)
     composed = compose(parents, weights if weights is not None else one_hot(0, n), operator, **compose_options)
     search = None
+    if operator == "product" and weights is None and not scales:
+        raise ValueError(
+            "a product search needs scales (the total weights to try, e.g. search.scales=[1,2,3]), or give the "
+            "product weights explicitly"
+        )
+    if operator != "product" and scales is not None and [float(x) for x in scales] != [1.0]:
+        raise ValueError(f"scales apply to the product operator only ({operator} weights sum to 1), got {scales}")
     if weights is None:
-        if operator == "product":
-            raise ValueError("the weight search covers convex and mixture weights; give product weights explicitly")
 
         def evaluate(w: Weights) -> tuple[float, float]:
             r = rollout(composed.with_weights(w), search_seeds)
             return r.score, r.success_rate
 
-        search = search_weights(evaluate, n, step=step, coarse_step=coarse_step, rounds=rounds, progress=progress)
+        search = search_weights(
+            evaluate, n, step=step, coarse_step=coarse_step, rounds=rounds, progress=progress, scales=scales or (1.0,)
+        )
         if on_search is not None:
             on_search(search)
         weights = search.best.weights

@@ -236,6 +236,18 @@ def test_search_finds_the_known_best_weight_of_a_synthetic_score():
     assert result3.best.weights == peak
     assert len(result3.table) < len(simplex_grid(3, 0.0625))  # coarse to fine, not the full fine grid
 
+    # Product weights: the grid once per total weight; the peak (1.2, 0.8) has total 2.
+    def product_score(w):
+        return -((w[0] - 1.2) ** 2 + (w[1] - 0.8) ** 2), 0.0
+
+    product = search_weights(product_score, 2, step=0.1, progress=False, scales=[1, 2, 3])
+    assert len(product.table) == 33 and product.best.weights == pytest.approx((1.2, 0.8))
+    assert {round(sum(r.weights), 6) for r in product.table} == {1.0, 2.0, 3.0}
+    product3 = search_weights(lambda w: score3(tuple(x / 2 for x in w)), 3, progress=False, scales=[1, 2])
+    assert product3.best.weights == pytest.approx(tuple(2 * x for x in peak))
+    with pytest.raises(ValueError, match="scales must be"):
+        search_weights(product_score, 2, progress=False, scales=[0])
+
 
 @dataclasses.dataclass
 class FakeResult:
@@ -269,8 +281,17 @@ def test_compose_and_search_never_rolls_out_on_held_out_seeds():
         [a, b], rollout, search_seeds, eval_seeds, weights=[1.0, 1.0], operator="product", progress=False
     )
     assert search is None and chosen.weights == (1.0, 1.0) and [c[1] for c in calls] == [eval_seeds] * 3
-    with pytest.raises(ValueError, match="give product weights explicitly"):
+    with pytest.raises(ValueError, match="a product search needs scales"):
         compose_and_search([a, b], rollout, search_seeds, eval_seeds, operator="product", progress=False)
+    with pytest.raises(ValueError, match="scales apply to the product operator only"):
+        compose_and_search([a, b], rollout, search_seeds, eval_seeds, scales=[2.0], progress=False)
+    # a product search: 11 directions x 2 totals on the search seeds, then the held-out report
+    calls.clear()
+    chosen, search, report = compose_and_search(
+        [a, b], rollout, search_seeds, eval_seeds, operator="product", scales=[1.0, 2.0], progress=False
+    )
+    assert len(search.table) == 22 and [c[1] for c in calls].count(eval_seeds) == 3
+    assert chosen.weights == search.best.weights and report["operator"] == "product"
 
 
 def test_seeded_rollouts_repeat_exactly_and_are_averaged():
@@ -346,6 +367,14 @@ def test_cli_compose_searches_reports_and_saves_a_loadable_composition(tmp_path)
     loaded = load_policy(run / "checkpoint")
     assert isinstance(loaded, ComposedPolicy) and list(loaded.weights) == summary["weights"]
     assert main(["eval", f"checkpoint={run / 'checkpoint'}", "n_episodes=1", "max_steps=5", "video=false"]) == 0
+    # a product search runs the grid once per total weight in search.scales
+    product_run = tmp_path / "product"
+    assert main([*argv[:-1], "operator=product", "search.scales=[1,2]", f"run_dir={product_run}"]) == 0
+    product_table = json.loads((product_run / "search.json").read_text())["table"]
+    assert sorted(map(tuple, (r["weights"] for r in product_table))) == sorted(
+        [(1.0, 0.0), (0.5, 0.5), (0.0, 1.0), (2.0, 0.0), (1.0, 1.0), (0.0, 2.0)]
+    )
+    assert json.loads((product_run / "summary.json").read_text())["operator"] == "product"
     # overlapping seeds and a mismatched parent are usage errors (status 2) with the reason
     assert main([*argv[:2], "search.seeds=0:5", "eval.seeds=3:8", f"run_dir={tmp_path / 'r2'}"]) == 2
     save_checkpoint(parent(seed=2, horizon=16), tmp_path / "c")
