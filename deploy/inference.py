@@ -179,8 +179,11 @@ class InferenceProcess:
         header = {"type": "obs", "stamp": float(obs.stamp), "epoch": self._epoch}
         if self.config.mode == "async" and float(obs.stamp) == self._observed_stamp:
             header["observed"] = True  # already in the window through observe(): do not push it twice
+        # Stamped before the write: the worker may answer before this process runs again (under load it did,
+        # and the request-to-receipt latency came out shorter than the worker's own compute time).
+        sent_at = time.monotonic()
         self._send(header, obs.data)
-        self._pending_since = time.monotonic()
+        self._pending_since = sent_at
         return True
 
     def poll(self) -> TimedChunk | None:
