@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors
 
-from policies.checkpoint import load_policy, load_state
+from policies.checkpoint import load_policy
 from rl.dsrl import DSRLConfig
 from rl.env_loop import EnvLoop
 from rl.methods import MethodContext
+from rl.run import load_run_state
 
 
 def main() -> None:
@@ -56,9 +56,7 @@ def main() -> None:
         seed=args.loop_seed,
     )
     algo = config.build(base, loop, MethodContext(seed=0))
-    algo.adapter.load_state_dict(load_state(ckpt / "model.safetensors"), strict=False)
-    meta = json.loads((ckpt / "rl_state.json").read_text())
-    algo.load_state(load_safetensors((ckpt / "rl_state.safetensors").read_bytes()), meta["method"])
+    load_run_state(ckpt, algo, loop)  # adapter, critics, RNG; the loop's counters (its seeds go on from the run's)
     adapter, gamma, bound = algo.adapter, config.gamma, config.noise_bound
 
     out: dict = {"checkpoint": str(ckpt), "alpha": algo.log_alpha.exp().item()}

@@ -107,7 +107,7 @@ def adapt(
     )
     evals: list[dict] = []
     if resume:
-        evals = _load_state(ckpt_dir, algo, loop)
+        evals = load_run_state(ckpt_dir, algo, loop)
     started = time.perf_counter()
 
     def evaluate(policy: Any, step: int, name: str) -> dict:
@@ -221,7 +221,7 @@ def _save_state(
     )
 
 
-def _load_state(ckpt_dir: Path, algo: Any, loop: EnvLoop) -> list[dict]:
+def load_run_state(ckpt_dir: Path, algo: Any, loop: EnvLoop) -> list[dict]:
     """Restore adapter weights, method state, loop counters and RNGs from ``ckpt_dir``; returns the evaluations so
     far. Rounds restart at a round boundary: the episodes of the interrupted round are run again with new seeds."""
     if not (ckpt_dir / STATE_META).exists():
