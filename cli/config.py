@@ -150,6 +150,7 @@ class ComposeSearchConfig:
     rounds: int = 2  # refinements (halving the step around the best point)
     scales: list[float] | None = None  # operator=product: total weights to try, the grid run as s * w for each s
     noise_seeds: int = 1  # rollouts per candidate, sampling noise seeded noise_seed, noise_seed + 1, ...
+    endpoints: bool = True  # false: only weights giving every parent a share (a product end point: A x A)
 
 
 @dataclasses.dataclass

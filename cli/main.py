@@ -501,6 +501,7 @@ def cmd_compose(overrides: Sequence[str]) -> dict:
             coarse_step=cfg.search.coarse_step,
             rounds=cfg.search.rounds,
             scales=cfg.search.scales,
+            endpoints=cfg.search.endpoints,
             sampler=cfg.sampler,
             num_inference_steps=cfg.num_inference_steps,
             n_action_steps=cfg.n_action_steps,

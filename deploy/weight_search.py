@@ -4,7 +4,9 @@ and report it on held-out seeds that the search never saw.
 Two parents: every weight on a grid of ``step`` (0, 0.1, ..., 1 by default; the end points are the parents alone).
 Three or more: coarse to fine on the simplex: every lattice point of ``coarse_step``, then ``rounds`` times the lattice
 of half the step within one old step (max-norm) of the best point so far. The product operator's weights need not
-sum to one: its search runs the same grid once per total weight in ``scales`` (candidates ``s * w``). The search
+sum to one: its search runs the same grid once per total weight in ``scales`` (candidates ``s * w``). With
+``endpoints=False`` only weights that give every parent a share are candidates: for the product operator an end point
+is one parent composed with itself (its epsilon scaled), not a composition. The search
 depends only on an ``evaluate(weights) -> (score, success_rate)`` callable, so it is tested on synthetic score
 functions; ``compose_and_search`` binds it to rollouts on the validation seeds.
 """
@@ -98,12 +100,19 @@ def search_weights(
     rounds: int = 2,
     progress: bool = True,
     scales: Sequence[float] = (1.0,),
+    endpoints: bool = True,
 ) -> SearchResult:
     """Evaluate candidate weights and return every result and the best (highest score, then success rate; ties go
     to the point evaluated first). Each weight vector is evaluated once. ``scales``: the grid (or coarse-to-fine
-    search) of weights summing to one is run for each total weight ``s``, as ``s * w`` (the product operator)."""
+    search) of weights summing to one is run for each total weight ``s``, as ``s * w`` (the product operator).
+    ``endpoints=False``: candidates with a zero weight are skipped (every parent takes part)."""
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
+    if not endpoints and not any(min(w) > 0 for w in simplex_grid(n_parents, step if n_parents == 2 else coarse_step)):
+        raise ValueError(
+            f"endpoints=False leaves no candidate: every weight of the step-{step if n_parents == 2 else coarse_step} "
+            f"grid for {n_parents} parents gives some parent zero; use a finer step"
+        )
     scales = tuple(float(x) for x in scales)
     if not scales or not all(math.isfinite(x) and x > 0 for x in scales):
         raise ValueError(f"scales must be one or more finite totals > 0, got {list(scales)}")
@@ -111,7 +120,7 @@ def search_weights(
     bar = tqdm(desc="weight search", unit="weights", disable=not progress)
 
     def run(candidates: Sequence[Weights]) -> None:
-        todo = [w for w in candidates if _key(w) not in results]
+        todo = [w for w in candidates if _key(w) not in results and (endpoints or min(w) > 0)]
         bar.total = (bar.total or 0) + len(todo)
         bar.refresh()
         for w in todo:
@@ -224,6 +233,7 @@ def compose_and_search(
     coarse_step: float = 0.25,
     rounds: int = 2,
     scales: Sequence[float] | None = None,
+    endpoints: bool = True,
     progress: bool = True,
     eval_rollout: Rollout | None = None,
     on_search: Callable[[SearchResult], None] | None = None,
@@ -258,7 +268,14 @@ def compose_and_search(
             return r.score, r.success_rate
 
         search = search_weights(
-            evaluate, n, step=step, coarse_step=coarse_step, rounds=rounds, progress=progress, scales=scales or (1.0,)
+            evaluate,
+            n,
+            step=step,
+            coarse_step=coarse_step,
+            rounds=rounds,
+            progress=progress,
+            scales=scales or (1.0,),
+            endpoints=endpoints,
         )
         if on_search is not None:
             on_search(search)

@@ -248,6 +248,19 @@ def test_search_finds_the_known_best_weight_of_a_synthetic_score():
     with pytest.raises(ValueError, match="scales must be"):
         search_weights(product_score, 2, progress=False, scales=[0])
 
+    # endpoints=False: no parent alone (or composed with itself), even where an end point scores best.
+    def edge_score(w):
+        return w[0], 0.0
+
+    assert search_weights(edge_score, 2, progress=False, scales=[2]).best.weights == (2.0, 0.0)
+    inner = search_weights(edge_score, 2, progress=False, scales=[2, 3], endpoints=False)
+    assert len(inner.table) == 18 and all(min(r.weights) > 0 for r in inner.table)
+    assert inner.best.weights == pytest.approx((2.7, 0.3))
+    inner3 = search_weights(score3, 3, coarse_step=0.25, rounds=2, progress=False, endpoints=False)
+    assert all(min(r.weights) > 0 for r in inner3.table) and inner3.best.weights == peak
+    with pytest.raises(ValueError, match="no candidate"):
+        search_weights(edge_score, 2, step=1.0, progress=False, endpoints=False)
+
 
 @dataclasses.dataclass
 class FakeResult:
@@ -375,6 +388,11 @@ def test_cli_compose_searches_reports_and_saves_a_loadable_composition(tmp_path)
         [(1.0, 0.0), (0.5, 0.5), (0.0, 1.0), (2.0, 0.0), (1.0, 1.0), (0.0, 2.0)]
     )
     assert json.loads((product_run / "summary.json").read_text())["operator"] == "product"
+    inner_run = tmp_path / "inner"  # search.endpoints=false: only weights that give both parents a share
+    argv_inner = [*argv[:-1], "operator=product", "search.scales=[1,2]", "search.endpoints=false"]
+    assert main([*argv_inner, f"run_dir={inner_run}"]) == 0
+    inner_table = json.loads((inner_run / "search.json").read_text())["table"]
+    assert sorted(map(tuple, (r["weights"] for r in inner_table))) == [(0.5, 0.5), (1.0, 1.0)]
     # overlapping seeds and a mismatched parent are usage errors (status 2) with the reason
     assert main([*argv[:2], "search.seeds=0:5", "eval.seeds=3:8", f"run_dir={tmp_path / 'r2'}"]) == 2
     save_checkpoint(parent(seed=2, horizon=16), tmp_path / "c")
