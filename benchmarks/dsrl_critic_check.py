@@ -51,7 +51,7 @@ def main() -> None:
         "state",
         args.n_envs,
         base.config.n_obs_steps,
-        max_steps=300,
+        max_steps=run_config["task"]["max_steps"],  # the run's episode length
         reward=run_config["loop"]["reward"],
         seed=args.loop_seed,
     )
