@@ -5,7 +5,8 @@ Time convention (``policies.flow``): t = 0 data, t = 1 noise, z_t = (1 - t) a + 
 predicts the average velocity u(z_t, r, t) over [r, t] (r <= t), so z_r = z_t - (t - r) u. It is the 1-D UNet
 with a second time embedding: step embedding of t plus a second one of (t - r) (the paper's best input pair).
 Objective: u regressed on u_tgt = v - (t - r) (v . d_z u + d_t u), stop-gradient on the target, the total
-derivative from one torch.func.jvp; r = t (plain flow matching) for 1 - ratio_r_neq_t of the samples.
+derivative from one torch.func.jvp (on the r < t samples only, outside autograd); r = t (plain flow matching) for
+1 - ratio_r_neq_t of the samples.
 Sampling: a = eps - u(eps, 0, 1) (one network call), or num_inference_steps steps of z_r = z_t - (t - r) u.
 
 OFQL reuses ``flow_loss(cond, action)`` and the differentiable ``sample_normalized(cond, noise)``.
@@ -75,7 +76,7 @@ class MeanFlowPolicy(UnetFlowPolicy):
             device=action.device,
         )
         u, u_tgt = flow.meanflow_target(
-            lambda z, r, t: self.average_velocity(z, r, t, cond), flow.interpolate(action, eps, t), r, t, eps - action
+            self.average_velocity, flow.interpolate(action, eps, t), r, t, eps - action, cond
         )
         loss = flow.meanflow_loss(u, u_tgt, c.adaptive_weight_power)
         return loss, {"loss": loss.detach(), "flow_loss": loss.detach()}

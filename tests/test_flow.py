@@ -164,6 +164,31 @@ def test_meanflow_jvp_through_the_two_time_unet_matches_finite_differences() -> 
     torch.testing.assert_close(u_tgt, v - (t - r)[:, None, None] * dudt, atol=1e-5, rtol=1e-5)
 
 
+def test_meanflow_target_on_a_mixed_batch_equals_the_whole_batch_jvp() -> None:
+    """The jvp runs only on the r < t rows, outside autograd, with the observation features passed per row: the
+    target equals one jvp of the whole batch (the definition), and the loss gradient flows through u only."""
+    torch.manual_seed(0)
+    net = ConditionalUnet1D(2, 6, 16, (16, 32), 3, second_time_embed=True).double()
+    cond = torch.randn(6, 6, dtype=torch.float64)
+    z, v = torch.randn(2, 6, 8, 2, dtype=torch.float64)
+    t = torch.tensor([0.9, 0.5, 0.3, 0.7, 0.95, 0.2], dtype=torch.float64)
+    r = torch.where(torch.tensor([True, False, True, False, False, True]), t * 0.4, t)  # 3 rows with r = t
+
+    def u_fn(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return net(z, t * 100, c, timestep2=(t - r) * 100)
+
+    u, u_tgt = flow.meanflow_target(u_fn, z, r, t, v, cond)
+    u_ref, dudt = torch.func.jvp(lambda a, b, c: u_fn(a, b, c, cond), (z, r, t), (v, torch.zeros(6), torch.ones(6)))
+    torch.testing.assert_close(u, u_ref)
+    torch.testing.assert_close(u_tgt, v - (t - r)[:, None, None] * dudt, atol=1e-10, rtol=1e-8)
+    assert torch.equal(u_tgt[r == t], v[r == t]) and not torch.equal(u_tgt[r < t], v[r < t])
+    assert u.requires_grad and not u_tgt.requires_grad
+    ((u - u_tgt) ** 2).mean().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    _, all_equal = flow.meanflow_target(u_fn, z, t, t, v, cond)  # every row r = t: no jvp at all, target v
+    torch.testing.assert_close(all_equal, v, atol=0, rtol=0)
+
+
 def test_meanflow_sampling_is_exact_for_the_true_average_velocity() -> None:
     eps = torch.randn(4, 2, 2, generator=torch.Generator().manual_seed(0))
 
