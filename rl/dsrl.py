@@ -15,6 +15,10 @@ tanh-squashed Gaussian (``rl.adapters.NoisePolicy``); critics see ``u = w / b``.
   network, ``min Q^W'(s', w')`` with ``w' ~ pi(s')``, which is what ``Q^A(s', base(s', w'))`` is regressed onto.
 
 Both start with ``warmup_steps`` environment steps of the base's own behaviour (``w ~ N(0, I)``) before learning.
+``bootstrap`` picks the next-state noise of the TD targets: ``actor`` (SAC: ``w' ~ pi(s')`` with its entropy bonus)
+or ``base`` (``w' ~ N(0, I)``, no bonus): the critics then value the base's own behaviour, which the noise critic has
+seen, instead of the actor's latents, where it extrapolates, and the actor takes one greedy step of improvement on
+those values (as one-step offline RL does); the critic is not fed its own maximum.
 Transition rewards are the discounted sums over the executed steps, discounts ``gamma^n`` (0 at termination).
 """
 
@@ -49,9 +53,12 @@ class DSRLConfig(MethodConfig):
     init_alpha: float = 0.1
     target_entropy: float | None = None  # None: -dim(w) (SAC's default); DSRL-NA uses 0
     warmup_steps: int = 5_000  # env steps of w ~ N(0, I) before the actor acts and updates start
+    bootstrap: str = "actor"  # next-state noise of the TD targets: actor (SAC) | base (w' ~ N(0, I), no bonus)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.bootstrap not in ("actor", "base"):
+            raise ValueError(f"bootstrap must be 'actor' or 'base', got {self.bootstrap!r}")
         if not self.noise_bound > 0:
             raise ValueError(f"noise_bound must be > 0, got {self.noise_bound}")
         for name in ("batch_size", "buffer_size"):
@@ -181,17 +188,13 @@ class DSRL(Method):
         a, cfg = self.adapter, self.config
         alpha = self.log_alpha.exp().detach()
         with torch.no_grad():
-            u_next, log_pi_next = a.actor.sample(batch["x_next"])
-            qf1_next_target, qf2_next_target = self.qf_target(batch["x_next"], u_next)
-            min_qf_next_target = torch.min(qf1_next_target, qf2_next_target) - alpha * log_pi_next
+            min_qf_next_target = self._next_value(batch["x_next"], alpha)
         logs: dict[str, float] = {}
         if self.noise_aliasing:
             qa_batch = self._with_demos(batch)
             with torch.no_grad():
                 if qa_batch is not batch:  # demonstration rows need their own next-state values
-                    u_demo, log_pi_demo = a.actor.sample(qa_batch["x_next"])
-                    q1_d, q2_d = self.qf_target(qa_batch["x_next"], u_demo)
-                    min_qf_next_target = torch.min(q1_d, q2_d) - alpha * log_pi_demo
+                    min_qf_next_target = self._next_value(qa_batch["x_next"], alpha)
                 next_q_value = qa_batch["r"] + qa_batch["discount"] * min_qf_next_target
             qa1, qa2 = self.qa(qa_batch["x"], qa_batch["a"])
             qa_loss = F.mse_loss(qa1, next_q_value) + F.mse_loss(qa2, next_q_value)
@@ -235,6 +238,15 @@ class DSRL(Method):
             "train/entropy": -log_pi.mean().item(),
             "train/updates": float(self.updates),
         }
+
+    def _next_value(self, x_next: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """Soft value of the next states ``[B]`` from the noise critic's target network: at the actor's noise with
+        its entropy bonus (``bootstrap=actor``), or at the base's own ``w' ~ N(0, I)`` (``bootstrap=base``)."""
+        if self.config.bootstrap == "base":
+            w = torch.randn((len(x_next), self.adapter.noise_dim), generator=self.generator)
+            return torch.min(*self.qf_target(x_next, w / self.config.noise_bound))
+        u_next, log_pi_next = self.adapter.actor.sample(x_next)
+        return torch.min(*self.qf_target(x_next, u_next)) - alpha * log_pi_next
 
     # -- demonstrations (DSRL-NA) -----------------------------------------------------------------------------
     def _demo_transitions(self) -> dict[str, torch.Tensor]:

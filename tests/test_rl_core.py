@@ -224,6 +224,35 @@ def test_dsrl_td_target_and_temperature_update_by_hand():
     loop.close()
 
 
+def test_dsrl_bootstrap_base_values_the_base_noise_without_the_entropy_bonus():
+    """bootstrap=base: the TD target is r + discount * min Q'(s', w' / b) with w' ~ N(0, I): no entropy bonus
+    however large alpha is, and the next noise is drawn from the run's generator, not from the actor."""
+    batch = {
+        "x": torch.randn(4, 40),
+        "u": torch.rand(4, 16) * 2 - 1,
+        "r": torch.tensor([-1.0, -0.5, 0.0, -2.0]),
+        "discount": torch.tensor([0.9, 0.9, 0.0, 0.5]),
+        "x_next": torch.randn(4, 40),
+    }
+    losses = {}
+    for bootstrap in ("base", "actor"):
+        algo, _, loop = make_dsrl(init_alpha=5.0, bootstrap=bootstrap)
+        assert algo.adapter.input_dim == 40
+        with torch.no_grad():  # target critics: 2 and 3 everywhere
+            for head, value in ((algo.qf_target.qf1[-1], 2.0), (algo.qf_target.qf2[-1], 3.0)):
+                head.weight.zero_()
+                head.bias.fill_(value)
+            qf1, qf2 = algo.qf(batch["x"], batch["u"])
+        target = batch["r"] + batch["discount"] * 2.0
+        expected = torch.nn.functional.mse_loss(qf1, target) + torch.nn.functional.mse_loss(qf2, target)
+        losses[bootstrap] = (algo.update(batch)["train/qf_loss"], expected.item())
+        loop.close()
+    assert losses["base"][0] == pytest.approx(losses["base"][1], rel=1e-5)
+    assert losses["actor"][0] != pytest.approx(losses["actor"][1], rel=1e-3)  # alpha 5: the bonus counts there
+    with pytest.raises(ValueError, match="bootstrap must be"):
+        DSRLConfig(bootstrap="target")
+
+
 def test_dsrl_iterate_keeps_the_base_bit_identical_and_learns_the_actor():
     algo, base, loop = make_dsrl()
     before = {k: v.clone() for k, v in algo.adapter.base.state_dict().items()}
