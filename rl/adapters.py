@@ -18,6 +18,7 @@ never handed to an optimizer.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -186,15 +187,23 @@ class ResidualPolicy(Adapter):
         return self.apply_residual(chunk, self.residual_mean(x))
 
 
+NOISE_SPACES = ("box", "sphere")
+
+
 @register_policy("dsrl")
 @dataclasses.dataclass
 class NoiseConfig(AdapterConfig):
     noise_bound: float = 1.5  # DSRL's b: w in [-b, b]^(H x Da)
+    # box: the base samples from w itself. sphere: from w rescaled to the norm sqrt(H * Da) of a typical N(0, I)
+    # draw (the actor picks the direction): the base's chunks degrade off that shell (BENCHMARKS.md, DSRL).
+    noise_space: str = "box"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.noise_bound > 0:
             raise ValueError(f"noise_bound must be > 0, got {self.noise_bound}")
+        if self.noise_space not in NOISE_SPACES:
+            raise ValueError(f"noise_space must be one of {NOISE_SPACES}, got {self.noise_space!r}")
         sampler = self.base_config.get("sampler")
         if sampler is not None and sampler != "ddim":
             raise ValueError(
@@ -237,8 +246,17 @@ class NoisePolicy(Adapter):
         return (self.config.noise_bound * self.actor.mean(self.actor_input(obs))).unflatten(1, self.noise_shape)
 
     def chunk_from_noise(self, obs: Mapping[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-        """``w [B, H, Da]`` -> the base's chunk ``[B, H, Da]`` raw, deterministic in ``w``."""
-        return self.base.predict_action_chunk(obs, noise=w)
+        """``w [B, H, Da]`` -> the base's chunk ``[B, H, Da]`` raw, deterministic in ``w`` (the base samples from
+        ``base_noise(w)``)."""
+        return self.base.predict_action_chunk(obs, noise=self.base_noise(w))
+
+    def base_noise(self, w: torch.Tensor) -> torch.Tensor:
+        """The base's initial noise for the latent ``w [B, H, Da]``: ``w`` (box), or ``w`` rescaled to the norm
+        ``sqrt(H * Da)`` (sphere)."""
+        if self.config.noise_space == "box":
+            return w
+        norm = w.flatten(1).norm(dim=1).clamp_min(1e-6)
+        return w * (math.sqrt(self.noise_dim) / norm)[:, None, None]
 
     @torch.no_grad()
     def predict_action_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:

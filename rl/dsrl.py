@@ -45,6 +45,7 @@ from rl.replay import ReplayBuffer
 @dataclasses.dataclass
 class DSRLConfig(MethodConfig):
     noise_bound: float = 1.5  # b
+    noise_space: str = "box"  # box: the base samples from w | sphere: from w rescaled to the norm sqrt(H * Da)
     actor_hidden_dims: list[int] = dataclasses.field(default_factory=lambda: [256, 256])
     batch_size: int = 256
     buffer_size: int = 100_000  # chunk transitions (100k env steps are 12.5k of them at Ta = 8)
@@ -99,7 +100,11 @@ class DSRL(Method):
         super().__init__(config, base, loop, context)
         self.noise_aliasing = isinstance(config, DSRLNAConfig)
         self.adapter: NoisePolicy = adapter_around(  # type: ignore[assignment]
-            NoiseConfig, base, noise_bound=config.noise_bound, hidden_dims=config.actor_hidden_dims
+            NoiseConfig,
+            base,
+            noise_bound=config.noise_bound,
+            noise_space=config.noise_space,
+            hidden_dims=config.actor_hidden_dims,
         )
         self.generator = torch.Generator().manual_seed(context.seed)
         a = self.adapter

@@ -84,6 +84,24 @@ def test_dsrl_adapter_runs_the_base_on_the_given_noise_exactly():
     assert torch.equal(adapter.predict_action_chunk(obs, noise=xi), base.predict_action_chunk(obs, noise=w_xi))
 
 
+def test_dsrl_sphere_noise_space_gives_the_base_typical_norm_noise():
+    """noise_space=sphere: the base samples from w rescaled to the norm sqrt(H * Da), whatever w's scale, so the
+    actor chooses a direction only; the scale-free mapping keeps chunks from the mean latent on that shell too."""
+    base = tiny_base()
+    config = dataclasses.replace(NoiseConfig.for_base(base), noise_space="sphere")
+    adapter = with_base_weights(config.build(base.shape_meta), base)
+    obs = obs_batch()
+    w = torch.randn(3, 8, 2) * torch.tensor([0.1, 1.0, 3.0])[:, None, None]
+    shell = w * (4.0 / w.flatten(1).norm(dim=1))[:, None, None]  # sqrt(8 * 2) = 4
+    torch.testing.assert_close(adapter.base_noise(w).flatten(1).norm(dim=1), torch.full((3,), 4.0))
+    torch.testing.assert_close(adapter.chunk_from_noise(obs, w), base.predict_action_chunk(obs, noise=shell))
+    torch.testing.assert_close(adapter.chunk_from_noise(obs, 0.5 * w), adapter.chunk_from_noise(obs, w))
+    box = with_base_weights(NoiseConfig.for_base(base).build(base.shape_meta), base)
+    assert not torch.allclose(box.chunk_from_noise(obs, w), adapter.chunk_from_noise(obs, w))
+    with pytest.raises(ValueError, match="noise_space must be one of"):
+        dataclasses.replace(NoiseConfig.for_base(base), noise_space="ball")
+
+
 def test_dsrl_refuses_a_stochastic_sampler():
     base = tiny_base(sampler="ddpm")
     with pytest.raises(ValueError, match="deterministically"):
