@@ -9,7 +9,11 @@ Policy-UNet (DDIM-10): score difference, latency speed-up per chunk and denoiser
 
 Latencies in the table are re-measured at the end in one process, interleaved (each round times every policy in turn,
 batch 1, 2 threads), so that their ratios are not skewed by the load on a shared machine at the different times each
-policy's own run measured it (those per-run figures stay in each policy's JSON).
+policy's own run measured it (those per-run figures stay in each policy's JSON). ``--latency-threads`` and
+``--backend onnx`` (the 1-D UNet policies through ONNX Runtime; the transformer policies stay in torch) re-measure
+them in another setting, written to ``table_<backend>_<threads>t.{md,json}``:
+
+    python benchmarks/policy_table.py --out-dir bench_results/table --backend onnx --latency-threads 1
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import torch
 
 import policies  # noqa: F401  (registers every policy)
 from policies.checkpoint import load_policy
+from policies.networks.unet1d import ConditionalUnet1D
+from policies.onnx_backend import BACKENDS, use_onnx
 from policies.registry import policy_names
 
 REFERENCE = "diffusion_unet"
@@ -52,13 +58,18 @@ def run(name: str, args: argparse.Namespace, out: Path) -> None:
     subprocess.run(cmd, check=True)
 
 
-def interleaved_latency(checkpoints: dict[str, Path], rounds: int = 15, repeats: int = 10) -> dict[str, float]:
+def interleaved_latency(
+    checkpoints: dict[str, Path], rounds: int = 15, repeats: int = 10, threads: int = 2, backend: str = "torch"
+) -> dict[str, float]:
     """Median batch-1 latency (ms) of one action query per policy: a full chunk, or for a streaming policy one
-    steady-state step of its rolling buffer. Every round times each policy ``repeats`` times in turn."""
-    torch.set_num_threads(2)
+    steady-state step of its rolling buffer. Every round times each policy ``repeats`` times in turn. ``backend``
+    "onnx": every policy with a 1-D UNet runs it through ONNX Runtime (the others stay in torch)."""
+    torch.set_num_threads(threads)
     calls = {}
     for name, path in checkpoints.items():
         policy = load_policy(path)
+        if backend == "onnx" and isinstance(getattr(policy, "model", None), ConditionalUnet1D):
+            use_onnx(policy, threads=threads)
         c = policy.config
         obs = {k: torch.rand(1, c.n_obs_steps, *shape) * 100 for k, shape in policy.shape_meta["obs"].items()}
         if hasattr(policy, "stream"):
@@ -127,6 +138,8 @@ def main() -> None:
     parser.add_argument("--out-dir", default="bench_results/table")
     parser.add_argument("--run-root", default="runs/bench/table")
     parser.add_argument("--no-latency", action="store_true", help="use each run's own latency figures")
+    parser.add_argument("--latency-threads", type=int, default=2, help="torch / ONNX Runtime threads for latency")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch", help="onnx: the UNet policies through ORT")
     args = parser.parse_args()
     names = args.policies or [REFERENCE] + [n for n in policy_names() if n != REFERENCE]
     out_dir = Path(args.out_dir)
@@ -140,11 +153,21 @@ def main() -> None:
     latency = None
     if not args.no_latency:
         checkpoints = {name: Path(args.run_root) / name / "checkpoints" / "latest" for name in results}
-        latency = interleaved_latency(checkpoints)
+        latency = interleaved_latency(checkpoints, threads=args.latency_threads, backend=args.backend)
     text, summary = table(results, latency)
-    meta = {"budget_min": args.budget_min, "latency": "interleaved, one process" if latency else "per-run"}
-    (out_dir / "table.json").write_text(json.dumps({**meta, "rows": summary}, indent=2))
-    (out_dir / "table.md").write_text(text + "\n")
+    meta = {
+        "budget_min": args.budget_min,
+        "latency": "interleaved, one process" if latency else "per-run",
+        "latency_threads": args.latency_threads,
+        "backend": args.backend,
+    }
+    stem = (
+        "table"
+        if (args.backend, args.latency_threads) == ("torch", 2)
+        else f"table_{args.backend}_{args.latency_threads}t"
+    )
+    (out_dir / f"{stem}.json").write_text(json.dumps({**meta, "rows": summary}, indent=2))
+    (out_dir / f"{stem}.md").write_text(text + "\n")
     print(text)
 
 
