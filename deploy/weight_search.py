@@ -108,10 +108,11 @@ def search_weights(
     ``endpoints=False``: candidates with a zero weight are skipped (every parent takes part)."""
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
-    if not endpoints and not any(min(w) > 0 for w in simplex_grid(n_parents, step if n_parents == 2 else coarse_step)):
+    first_step = step if n_parents == 2 else coarse_step
+    if not endpoints and not any(min(w) > 0 for w in simplex_grid(n_parents, first_step)):
         raise ValueError(
-            f"endpoints=False leaves no candidate: every weight of the step-{step if n_parents == 2 else coarse_step} "
-            f"grid for {n_parents} parents gives some parent zero; use a finer step"
+            f"endpoints=False leaves no candidate: every weight of the step-{first_step} grid for {n_parents} parents "
+            "gives some parent zero; use a finer step"
         )
     scales = tuple(float(x) for x in scales)
     if not scales or not all(math.isfinite(x) and x > 0 for x in scales):

@@ -124,8 +124,9 @@ def meanflow_target(
     Returns (u, u_tgt): u = u_fn(z, r, t, ...) keeps its graph to the parameters; u_tgt is detached (stop-gradient,
     eq. 9). The jvp runs only on the samples with r < t, outside autograd: where r = t the target is v whatever the
     derivative (plain flow matching, 75 % of the samples at the paper's ratio), and the target needs no graph, so a
-    training step costs a forward and backward of the batch plus a jvp of that fraction: 1.2x faster than one jvp of
-    the whole batch under autograd (Push-T MeanFlow, batch 256, one thread: 1.68 s vs 2.01 s per step).
+    training step costs a forward and backward of the batch plus a jvp of that fraction: 1.26x faster than one jvp
+    of the whole batch under autograd (Push-T MeanFlow, batch 256, one thread: 1.09 s vs 1.37 s per step;
+    benchmarks/meanflow_step.py).
     """
     u = u_fn(z, r, t, *batch_args)
     u_tgt = v.detach().clone()
