@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 
 from envs.evaluate import evaluate
 from policies.checkpoint import load_policy
+from rl.adapters import to_sphere
 
 
 class FixedNoise:
@@ -34,21 +34,17 @@ class FixedNoise:
 
 
 def rules(horizon: int, action_dim: int) -> dict[str, Callable[[int], torch.Tensor]]:
-    shape, dim = (horizon, action_dim), horizon * action_dim
+    shape = (horizon, action_dim)
 
     def gauss(b: int) -> torch.Tensor:
         return torch.randn(b, *shape)
-
-    def sphere(b: int) -> torch.Tensor:
-        w = gauss(b)
-        return w * (math.sqrt(dim) / w.flatten(1).norm(dim=1))[:, None, None]
 
     def signs(scale: float) -> Callable[[int], torch.Tensor]:
         return lambda b: scale * torch.sign(gauss(b))
 
     return {
         "N(0, I)": gauss,
-        "N(0, I) on the sphere of radius sqrt(H Da)": sphere,
+        "N(0, I) on the sphere of radius sqrt(H Da)": lambda b: to_sphere(gauss(b)),  # rl.noise_space=sphere
         "random signs x 1 (norm sqrt(H Da))": signs(1.0),
         "random signs x 1.5 (norm 1.5 sqrt(H Da))": signs(1.5),
         "zero": lambda b: torch.zeros(b, *shape),

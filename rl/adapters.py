@@ -190,6 +190,12 @@ class ResidualPolicy(Adapter):
 NOISE_SPACES = ("box", "sphere")
 
 
+def to_sphere(w: torch.Tensor) -> torch.Tensor:
+    """``w [B, ...]`` rescaled per sample to the norm ``sqrt(numel per sample)`` of a typical N(0, I) draw."""
+    norm = w.flatten(1).norm(dim=1).clamp_min(1e-6)
+    return w * (math.sqrt(w[0].numel()) / norm).view(-1, *([1] * (w.ndim - 1)))
+
+
 @register_policy("dsrl")
 @dataclasses.dataclass
 class NoiseConfig(AdapterConfig):
@@ -253,10 +259,7 @@ class NoisePolicy(Adapter):
     def base_noise(self, w: torch.Tensor) -> torch.Tensor:
         """The base's initial noise for the latent ``w [B, H, Da]``: ``w`` (box), or ``w`` rescaled to the norm
         ``sqrt(H * Da)`` (sphere)."""
-        if self.config.noise_space == "box":
-            return w
-        norm = w.flatten(1).norm(dim=1).clamp_min(1e-6)
-        return w * (math.sqrt(self.noise_dim) / norm)[:, None, None]
+        return w if self.config.noise_space == "box" else to_sphere(w)
 
     @torch.no_grad()
     def predict_action_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:
