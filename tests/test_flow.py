@@ -241,6 +241,21 @@ def test_meanflow_loss_backward_and_no_grad_validation() -> None:
     assert torch.isfinite(val)
 
 
+def test_meanflow_logs_the_unweighted_error_beside_the_adaptive_loss() -> None:
+    g = torch.Generator().manual_seed(1)
+    losses = {}
+    for p in (0.0, 1.0):
+        policy = tiny_policy(adaptive_weight_power=p).train()
+        batch = {"obs": obs_for(policy), "action": torch.rand(3, 8, 2, generator=g) * 300 + 100}
+        torch.manual_seed(2)
+        loss, logs = policy.compute_loss(batch)
+        losses[p] = (loss.item(), logs["flow_mse"].item())
+    assert losses[0.0][0] == pytest.approx(losses[0.0][1])  # p = 0: the loss is the MSE itself
+    # p = 1: each sample's error divided by itself (+ 1e-3), so the loss is at most 1 while the MSE is not
+    assert losses[1.0][0] <= 1.0 and losses[1.0][0] != pytest.approx(losses[1.0][1])
+    assert MeanFlowConfig().adaptive_weight_power == 1.0  # the paper's weighting is the default
+
+
 def test_meanflow_config_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match="ratio_r_neq_t must be in \\[0, 1\\], got 1.5"):
         MeanFlowConfig(ratio_r_neq_t=1.5)
