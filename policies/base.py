@@ -115,6 +115,12 @@ class Policy(nn.Module, abc.ABC):
     def after_optimizer_step(self) -> None:
         """Called by the training loop after every optimizer step (e.g. Polyak-averaged target critics)."""
 
+    def grad_clip_groups(self) -> list[list[nn.Parameter]]:
+        """Parameter groups whose gradient norms the training loop clips separately (``train.grad_clip`` each).
+        Default: one group of every parameter. A policy with parts trained by different losses (OFQL's actor and
+        critics) returns one group per part, so that one part's large gradients do not shrink the other's."""
+        return [list(self.parameters())]
+
     def fit_normalizer(self, data: Mapping[str, torch.Tensor]) -> None:
         """Fit min-max statistics of low-dimensional observations and actions (images are already [0, 1]); the
         config's ``action_scale`` multiplies the normalized actions."""

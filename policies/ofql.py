@@ -130,6 +130,14 @@ class OFQLPolicy(MeanFlowPolicy):
                 raise ValueError(f"batch '{key}' contains NaN or inf")
         return b
 
+    def grad_clip_groups(self) -> list[list[nn.Parameter]]:
+        """Actor (everything but the critics) and critics clipped separately, as DQL's two optimizers are: with
+        one global clip the critics' TD gradients (norms of 10-100 on Push-T) shrank the actor's updates by as much
+        (BENCHMARKS.md, OFQL)."""
+        critics = [*self.qf1.parameters(), *self.qf2.parameters()]
+        ids = {id(p) for p in critics}
+        return [[p for p in self.parameters() if id(p) not in ids], critics]
+
     @staticmethod
     def _flat(action: torch.Tensor) -> torch.Tensor:
         return rearrange(action, "b h d -> b (h d)")
@@ -158,7 +166,7 @@ class OFQLPolicy(MeanFlowPolicy):
         self.check_batch(batch)
         cond = self.encode_obs(batch["obs"])  # [B, To * Do]
         action = self.normalizer.normalize("action", batch["action"])  # [B, H, Da]
-        flow_loss, _ = self.flow_loss(cond, action)
+        flow_loss, flow_logs = self.flow_loss(cond, action)
 
         # Critic: TD regression of both heads on the data chunk.
         target = self.td_target(batch["next_obs"], batch["reward"], batch["terminal"])  # [B]
@@ -176,6 +184,7 @@ class OFQLPolicy(MeanFlowPolicy):
         logs = {
             "loss": loss.detach(),
             "flow_loss": flow_loss.detach(),
+            "flow_mse": flow_logs["flow_mse"],
             "critic_loss": critic_loss.detach(),
             "q_pi": q_pi.mean().detach(),
             "td_target": target.mean(),

@@ -425,7 +425,8 @@ class Trainer:
                 )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+            norms = [torch.nn.utils.clip_grad_norm_(g, cfg.grad_clip) for g in self.policy.grad_clip_groups()]
+            grad_norm = torch.stack(norms).norm() if len(norms) > 1 else norms[0]  # the total norm, before clipping
             self.optimizer.step()
             self.policy.after_optimizer_step()
             self.scheduler.step()

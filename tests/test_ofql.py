@@ -131,6 +131,16 @@ def test_loss_backward_reaches_every_trainable_parameter() -> None:
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
+def test_actor_and_critics_are_clipped_as_separate_groups() -> None:
+    policy = tiny()
+    actor, critics = policy.grad_clip_groups()
+    ids = lambda params: {id(p) for p in params}  # noqa: E731
+    assert ids(critics) == ids([*policy.qf1.parameters(), *policy.qf2.parameters()])
+    assert not ids(actor) & ids(critics)
+    assert ids(actor) | ids(critics) == ids(policy.parameters())
+    assert ids(policy.model.parameters()) <= ids(actor)
+
+
 def test_batch_is_not_mutated() -> None:
     policy = tiny()
     batch = transition_batch()

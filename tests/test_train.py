@@ -103,3 +103,22 @@ def test_resume_needs_train_state(tmp_path):
     trainer = make_trainer(tmp_path, steps=2)
     with pytest.raises(FileNotFoundError, match="not a resumable checkpoint"):
         trainer.resume(tmp_path)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_gradient_clipping_per_group(tmp_path, split):
+    trainer = make_trainer(tmp_path, steps=1)
+    trainer.cfg.grad_clip = 1e-3  # far below any gradient norm of the first step: every group gets clipped
+    params = list(trainer.policy.parameters())
+    groups = [params[: len(params) // 2], params[len(params) // 2 :]]
+    if split:  # as OFQL does for its actor and critics
+        trainer.policy.grad_clip_groups = lambda: groups
+    trainer.fit()  # the clipped gradients of the one step stay in .grad
+
+    def norm(group):
+        return torch.stack([p.grad.norm() for p in group if p.grad is not None]).norm().item()
+
+    if split:
+        assert norm(groups[0]) == pytest.approx(1e-3, rel=1e-3) and norm(groups[1]) == pytest.approx(1e-3, rel=1e-3)
+    else:
+        assert norm(params) == pytest.approx(1e-3, rel=1e-3) and norm(groups[0]) < 1e-3
