@@ -43,6 +43,7 @@ class EvalRunConfig:
     sampler: str | None = None
     num_inference_steps: int | None = None
     n_action_steps: int | None = None
+    sample_latent: bool | None = None  # DSRL adapters: a fresh latent per chunk instead of the actor's mean
     executor: str | None = None  # one of envs.executor.EXECUTORS; default: the policy's own (Streaming DP: streaming)
     temporal_ensemble: float | None = None  # ACT's exponential weight k (chunk/ensemble executor, queried every step)
     # Executor options (make_executor validates them per kind); None = the executor's default.

@@ -240,7 +240,9 @@ def cmd_eval(overrides: Sequence[str]) -> dict:
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(str(err)) from err
     inference = {
-        k: getattr(cfg, k) for k in ("sampler", "num_inference_steps", "n_action_steps") if getattr(cfg, k) is not None
+        k: getattr(cfg, k)
+        for k in ("sampler", "num_inference_steps", "n_action_steps", "sample_latent")
+        if getattr(cfg, k) is not None
     }
     torch.set_num_threads(available_cores())
     try:

@@ -203,6 +203,9 @@ class NoiseConfig(AdapterConfig):
     # box: the base samples from w itself. sphere: from w rescaled to the norm sqrt(H * Da) of a typical N(0, I)
     # draw (the actor picks the direction): the base's chunks degrade off that shell (BENCHMARKS.md, DSRL).
     noise_space: str = "box"
+    # predict_action_chunk with no noise given: the actor's mean latent b * tanh(mu) (False), or a fresh draw
+    # b * tanh(mu + std * xi) (True: the stochastic policy SAC trained, which DSRL's own evaluation runs).
+    sample_latent: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -263,10 +266,12 @@ class NoisePolicy(Adapter):
 
     @torch.no_grad()
     def predict_action_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:
-        """``noise`` here is the actor's standard-normal input ``xi [B, H, Da]`` (None: the actor's mean), so a
-        given ``noise`` fixes the chunk, as the policy contract asks."""
+        """``noise`` here is the actor's standard-normal input ``xi [B, H, Da]`` (None: the actor's mean, or a fresh
+        draw with ``sample_latent``), so a given ``noise`` fixes the chunk, as the policy contract asks."""
         b = self.check_obs(obs)
-        if noise is None:
+        if noise is None and self.config.sample_latent:
+            w, _ = self.sample_noise(obs)
+        elif noise is None:
             w = self.mean_noise(obs)
         else:
             self.check_noise(noise, b)

@@ -84,6 +84,20 @@ def test_dsrl_adapter_runs_the_base_on_the_given_noise_exactly():
     assert torch.equal(adapter.predict_action_chunk(obs, noise=xi), base.predict_action_chunk(obs, noise=w_xi))
 
 
+def test_dsrl_sample_latent_draws_a_fresh_latent_per_call():
+    base = tiny_base()
+    config = dataclasses.replace(NoiseConfig.for_base(base), sample_latent=True)
+    adapter = with_base_weights(config.build(base.shape_meta), base)
+    obs = obs_batch()
+    torch.manual_seed(5)
+    first = adapter.predict_action_chunk(obs)
+    torch.manual_seed(5)
+    xi = torch.randn(3, 8, 2)  # the draw predict_action_chunk made
+    assert torch.equal(first, adapter.predict_action_chunk(obs, noise=xi))
+    assert not torch.equal(first, adapter.predict_action_chunk(obs))  # a new draw
+    assert not torch.equal(first, base.predict_action_chunk(obs, noise=adapter.mean_noise(obs)))
+
+
 def test_dsrl_sphere_noise_space_gives_the_base_typical_norm_noise():
     """noise_space=sphere: the base samples from w rescaled to the norm sqrt(H * Da), whatever w's scale, so the
     actor chooses a direction only; the scale-free mapping keeps chunks from the mean latent on that shell too."""
