@@ -38,11 +38,11 @@ from policies.registry import register_policy
 @register_policy("mode")
 @dataclasses.dataclass
 class MoDEConfig(PolicyConfig):
-    # Network. The paper's CALVIN model is 12 layers x 1024 wide with 4 experts, top-2; 6 x 128 with expert width
-    # 256 (2.9 M parameters, 1.7 M active per step) trains a batch-256 step in about 1.1-1.3x diffusion_unet's time
-    # on this CPU (1.7x its FLOPs, but transformer matmuls run faster than the UNet's convolutions).
+    # Network. The paper's CALVIN model is 12 layers x 1024 wide with 4 experts, top-2. CPU-sized: 4 x 128 with
+    # expert width 256 (2.0 M parameters). In a 30-minute Push-T budget on one core 4 layers scored 0.912 against
+    # 0.872 for 6 layers (2.9 M): more steps (4,005 vs 2,723) outweigh depth at that budget (BENCHMARKS.md).
     embed_dim: int = 128
-    n_layers: int = 6
+    n_layers: int = 4
     n_heads: int = 4
     expert_hidden_dim: int = 256
     num_experts: int = 4
