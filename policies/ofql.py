@@ -132,8 +132,8 @@ class OFQLPolicy(MeanFlowPolicy):
 
     def grad_clip_groups(self) -> list[list[nn.Parameter]]:
         """Actor (everything but the critics) and critics clipped separately, as DQL's two optimizers are: with
-        one global clip the critics' TD gradients (norms of 10-100 on Push-T) shrank the actor's updates by as much
-        (BENCHMARKS.md, OFQL)."""
+        one global clip the critics' TD gradients (norms of 10-130 on Push-T) set the actor's clip factor at every
+        step (BENCHMARKS.md, OFQL)."""
         critics = [*self.qf1.parameters(), *self.qf2.parameters()]
         ids = {id(p) for p in critics}
         return [[p for p in self.parameters() if id(p) not in ids], critics]
