@@ -55,6 +55,9 @@ class DSRLConfig(MethodConfig):
     target_entropy: float | None = None  # None: -dim(w) (SAC's default); DSRL-NA uses 0
     warmup_steps: int = 5_000  # env steps of w ~ N(0, I) before the actor acts and updates start
     bootstrap: str = "actor"  # next-state noise of the TD targets: actor (SAC) | base (w' ~ N(0, I), no bonus)
+    # the adapter's evaluation (in-run and from its checkpoint): a fresh latent b * tanh(mu + std * xi) per chunk
+    # (True, as DSRL evaluates) or the actor's mean latent (False). Training draws its own latents either way.
+    sample_latent: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -105,6 +108,7 @@ class DSRL(Method):
             noise_bound=config.noise_bound,
             noise_space=config.noise_space,
             hidden_dims=config.actor_hidden_dims,
+            sample_latent=config.sample_latent,
         )
         self.generator = torch.Generator().manual_seed(context.seed)
         a = self.adapter

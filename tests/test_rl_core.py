@@ -98,6 +98,19 @@ def test_dsrl_sample_latent_draws_a_fresh_latent_per_call():
     assert not torch.equal(first, base.predict_action_chunk(obs, noise=adapter.mean_noise(obs)))
 
 
+@pytest.mark.parametrize("config_cls", [DSRLConfig, DSRLNAConfig])
+def test_dsrl_method_sample_latent_reaches_the_adapter(config_cls):
+    """rl.sample_latent decides what the adapted policy evaluates (in-run and from its checkpoint): the mean latent
+    by default, a fresh latent per chunk when set."""
+    obs = obs_batch()
+    for sample, repeats in ((False, True), (True, False)):
+        algo, _, loop = make_dsrl(config_cls, sample_latent=sample)
+        loop.close()
+        assert algo.adapter.config.sample_latent is sample
+        same = torch.equal(algo.adapter.predict_action_chunk(obs), algo.adapter.predict_action_chunk(obs))
+        assert same is repeats
+
+
 def test_dsrl_sphere_noise_space_gives_the_base_typical_norm_noise():
     """noise_space=sphere: the base samples from w rescaled to the norm sqrt(H * Da), whatever w's scale, so the
     actor chooses a direction only; the scale-free mapping keeps chunks from the mean latent on that shell too."""
