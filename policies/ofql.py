@@ -13,7 +13,7 @@ flattened observation features [B, To * Do]. A training batch carries, besides o
     terminal: [B, Ta]  1.0 where the state reached by that step is terminal.
 TD target: R + gamma^Ta (1 - done) min_j Q_target_j(s', pi(s')), R = sum_i gamma^i r_i over the steps up to and
 including the first terminal (later steps are padding), done = any terminal (Fujimoto et al. 2018's clipped
-double Q, n-step return over the executed part of the chunk).
+double Q, n-step return over the executed part of the chunk); with ``q_bounds`` clamped to the returns' range.
 Losses (one optimizer, the shared Trainer): critic TD loss + flow loss - alpha Q(s, pi(s)), alpha = eta / E|Q|
 (detached; DQL's / TD3+BC's normalization). The actor term uses detached critic parameters, so it sends no
 gradient into the critic; the TD target comes from the target critics and the current actor under no_grad.
@@ -49,6 +49,12 @@ class OFQLConfig(MeanFlowConfig):
     # Push-T; small so that imitation dominates (DQL uses 1.0 on D4RL locomotion, less on harder tasks).
     eta: float = 0.1
     critic_hidden_dims: list[int] = dataclasses.field(default_factory=lambda: [256, 256, 256])
+    # LayerNorm after every hidden linear map of the critics (RLPD, Ball et al. 2023: keeps offline critics from
+    # diverging on out-of-distribution actions). Off by default: DQL's critic has none.
+    critic_layer_norm: bool = False
+    # [lo, hi]: TD targets are clamped into it, the values a return can take (rewards in [r_lo, r_hi] give
+    # [r_lo, r_hi] / (1 - discount)); null: unclamped, as DQL.
+    q_bounds: list[float] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,20 +68,23 @@ class OFQLConfig(MeanFlowConfig):
             raise ValueError(
                 f"critic_hidden_dims must be a non-empty list of widths >= 1, got {self.critic_hidden_dims}"
             )
+        if self.q_bounds is not None and (len(self.q_bounds) != 2 or not self.q_bounds[0] < self.q_bounds[1]):
+            raise ValueError(f"q_bounds must be null or [lo, hi] with lo < hi, got {self.q_bounds}")
 
     def build(self, shape_meta: Mapping) -> OFQLPolicy:
         return OFQLPolicy(self, shape_meta)
 
 
 class QNetwork(nn.Module):
-    """Q(s, a): MLP with Mish activations, as DQL's critic. obs: [B, obs_dim], action: [B, action_dim] -> [B]."""
+    """Q(s, a): MLP with Mish activations, as DQL's critic (``layer_norm``: LayerNorm before each activation).
+    obs: [B, obs_dim], action: [B, action_dim] -> [B]."""
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: Sequence[int]) -> None:
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: Sequence[int], layer_norm: bool = False) -> None:
         super().__init__()
         dims = [obs_dim + action_dim, *hidden_dims]
         layers: list[nn.Module] = []
         for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
-            layers += [nn.Linear(d_in, d_out), nn.Mish()]
+            layers += [nn.Linear(d_in, d_out), *([nn.LayerNorm(d_out)] if layer_norm else []), nn.Mish()]
         self.net = nn.Sequential(*layers, nn.Linear(dims[-1], 1))
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
@@ -101,8 +110,8 @@ class OFQLPolicy(MeanFlowPolicy):
         super().__init__(config, shape_meta)
         obs_dim = self.obs_feature_dim * config.n_obs_steps
         action_dim = config.horizon * self.action_dim
-        self.qf1 = QNetwork(obs_dim, action_dim, config.critic_hidden_dims)
-        self.qf2 = QNetwork(obs_dim, action_dim, config.critic_hidden_dims)
+        self.qf1 = QNetwork(obs_dim, action_dim, config.critic_hidden_dims, config.critic_layer_norm)
+        self.qf2 = QNetwork(obs_dim, action_dim, config.critic_hidden_dims, config.critic_layer_norm)
         # Target critics: submodules (saved in checkpoints, moved by .to()) that no optimizer updates.
         self.qf1_target = copy.deepcopy(self.qf1).requires_grad_(False)
         self.qf2_target = copy.deepcopy(self.qf2).requires_grad_(False)
@@ -151,7 +160,8 @@ class OFQLPolicy(MeanFlowPolicy):
         noise = torch.randn(next_cond.shape[0], self.config.horizon, self.action_dim, device=next_cond.device)
         next_action = self._flat(self.sample_normalized(next_cond, noise))
         next_q = torch.minimum(self.qf1_target(next_cond, next_action), self.qf2_target(next_cond, next_action))
-        return chunk_td_target(reward, terminal, next_q, self.config.discount)
+        target = chunk_td_target(reward, terminal, next_q, self.config.discount)
+        return target if self.config.q_bounds is None else target.clamp(*self.config.q_bounds)
 
     def actor_q(self, cond: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """min_j Q_j(s, a) [B] through DETACHED critic parameters: gradients reach ``action`` (the actor), never

@@ -72,6 +72,21 @@ def test_policy_td_target_uses_min_of_target_critics() -> None:
     assert not target.requires_grad
 
 
+def test_q_bounds_clamp_the_td_target_and_layer_norm_critics() -> None:
+    policy = tiny(discount=0.5, q_bounds=[0.0, 1.8], critic_layer_norm=True)
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in policy.qf1.net) == 2  # one per hidden layer
+    for qf in (policy.qf1_target, policy.qf2_target):
+        set_constant(qf, 6.0)
+    batch = transition_batch()
+    # unclamped: 1.75 + .125 * 6 = 2.5 (clamped to 1.8); 1.5; 1 -> and a negative reward clamps up to 0
+    target = policy.td_target(batch["next_obs"], torch.ones(B, TA), batch["terminal"])
+    torch.testing.assert_close(target, torch.tensor([1.8, 1.5, 1.0]))
+    target = policy.td_target(batch["next_obs"], -torch.ones(B, TA), batch["terminal"])
+    torch.testing.assert_close(target, torch.zeros(B))
+    with pytest.raises(ValueError, match=r"q_bounds must be null or \[lo, hi\]"):
+        OFQLConfig(q_bounds=[1.0, 0.0])
+
+
 def test_actor_term_sends_no_gradient_into_the_critic() -> None:
     policy = tiny()
     cond = policy.encode_obs(transition_batch()["obs"])
