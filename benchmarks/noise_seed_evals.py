@@ -46,7 +46,13 @@ def evaluate(checkpoint: str, noise_seed: int, out_dir: Path, sample_latent: boo
         done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode:
             raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(result.read_text())
+    found = json.loads(result.read_text())
+    if (found["checkpoint"], found["seed"]) != (checkpoint, noise_seed):
+        raise SystemExit(
+            f"{result} holds the evaluation of {found['checkpoint']} with noise seed {found['seed']}, not of "
+            f"{checkpoint} with {noise_seed}: pick another --eval-root or label"
+        )
+    return found
 
 
 def main() -> None:
