@@ -1,8 +1,10 @@
-"""The DDPM epsilon objective and DDPM/DDIM samplers shared by the Diffusion Policy networks (UNet, transformer).
+"""The DDPM objective and DDPM/DDIM samplers shared by the Diffusion Policy networks (UNet, transformer).
 
-Time convention (``policies.schedulers``): DDPM levels k = 0 (clean) .. K-1 (noisiest); the network predicts
-epsilon. A subclass builds its network and defines ``encode_obs`` and ``denoise``; everything here is written
-only against those two, the schedule and the config's sampler fields.
+Time convention (``policies.schedulers``): DDPM levels k = 0 (clean) .. K-1 (noisiest). The network predicts
+epsilon (``prediction_type="epsilon"``, the default) or the clean sample (``"sample"``, DP's other choice); either
+way ``denoise`` returns epsilon, so samplers, composition and RL code see one convention. A subclass builds its
+network and defines ``encode_obs`` and ``network``; everything here is written only against those two, the
+schedule and the config's sampler fields.
 
 Warm start (``refine_action_chunk``, RTI-DP, Duan et al. 2025): a clean chunk is diffused to the intermediate
 level start_t = round(start * (K - 1)) by q(x_k | x_0) and denoised from there over ``schedule.timesteps(n,
@@ -23,6 +25,7 @@ from policies.base import Policy, PolicyConfig
 from policies.schedulers import DDPMSchedule
 
 SAMPLERS = ("ddpm", "ddim")
+PREDICTION_TYPES = ("epsilon", "sample")
 
 
 @dataclasses.dataclass
@@ -32,11 +35,15 @@ class DDPMConfig(PolicyConfig):
     clip_sample: bool = True
     sampler: str = "ddim"
     num_inference_steps: int = 10
+    # what the network regresses: "epsilon" (DP's default) or "sample" (the clean chunk, DP's other option)
+    prediction_type: str = "epsilon"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got '{self.sampler}'")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got '{self.prediction_type}'")
         if not 1 <= self.num_inference_steps <= self.num_train_timesteps:
             raise ValueError(
                 f"num_inference_steps must be in [1, num_train_timesteps={self.num_train_timesteps}], "
@@ -62,8 +69,17 @@ class DDPMPolicy(Policy):
         """``obs: {k: [B, To, ...]}`` raw -> the network's conditioning (its shape is the network's business)."""
 
     @abc.abstractmethod
+    def network(self, x_t: torch.Tensor, t: torch.Tensor, obs_features: torch.Tensor) -> torch.Tensor:
+        """``x_t: [B, H, Da]`` normalized noisy actions at level ``t: [B]`` -> the network's raw output ``[B, H,
+        Da]``: epsilon or the clean chunk, by ``config.prediction_type``."""
+
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, obs_features: torch.Tensor) -> torch.Tensor:
-        """``x_t: [B, H, Da]`` normalized noisy actions at level ``t: [B]`` -> predicted epsilon ``[B, H, Da]``."""
+        """``x_t: [B, H, Da]`` normalized noisy actions at level ``t: [B]`` -> predicted epsilon ``[B, H, Da]``
+        (a clean-sample prediction x0 is turned into eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t))."""
+        out = self.network(x_t, t, obs_features)
+        if self.config.prediction_type == "epsilon":
+            return out
+        return self.schedule.epsilon_from_x0(x_t, out, t)
 
     def compute_loss(self, batch: Mapping) -> tuple[torch.Tensor, dict[str, float]]:
         b = self.check_batch(batch)
@@ -71,8 +87,8 @@ class DDPMPolicy(Policy):
         action = self.normalizer.normalize("action", batch["action"])  # [B, H, Da]
         noise = torch.randn_like(action)
         t = torch.randint(0, self.config.num_train_timesteps, (b,), device=action.device)
-        pred = self.denoise(self.schedule.add_noise(action, noise, t), t, cond)
-        loss = F.mse_loss(pred, noise)
+        pred = self.network(self.schedule.add_noise(action, noise, t), t, cond)
+        loss = F.mse_loss(pred, noise if self.config.prediction_type == "epsilon" else action)
         return loss, {"loss": loss.detach()}
 
     def sample_with(

@@ -69,7 +69,8 @@ class DiffusionTransformerPolicy(DDPMPolicy):
         """``obs: {k: [B, To, ...]}`` raw -> conditioning tokens ``[B, To, obs_feature_dim]``."""
         return self.obs_features(obs)
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, obs_features: torch.Tensor) -> torch.Tensor:
+    def network(self, x_t: torch.Tensor, t: torch.Tensor, obs_features: torch.Tensor) -> torch.Tensor:
         """``x_t: [B, H, Da]`` normalized noisy actions at level ``t: [B]`` (or an int), ``obs_features:
-        [B, To, obs_feature_dim]`` -> predicted epsilon ``[B, H, Da]``."""
+        [B, To, obs_feature_dim]`` -> the network output ``[B, H, Da]`` (epsilon or the clean chunk, by
+        ``prediction_type``)."""
         return self.model(x_t, t, obs_features)

@@ -86,6 +86,7 @@ class DiffusionUnetPolicy(DDPMPolicy):
         """``obs: {k: [B, To, ...]}`` raw -> conditioning ``[B, To * obs_feature_dim]``."""
         return flat_obs_features(self, obs)
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, obs_features: torch.Tensor) -> torch.Tensor:
-        """``x_t: [B, H, Da]`` normalized noisy actions at level ``t: [B]`` -> predicted epsilon ``[B, H, Da]``."""
+    def network(self, x_t: torch.Tensor, t: torch.Tensor, obs_features: torch.Tensor) -> torch.Tensor:
+        """``x_t: [B, H, Da]`` normalized noisy actions at level ``t: [B]`` -> the network output ``[B, H, Da]``
+        (epsilon or the clean chunk, by ``prediction_type``)."""
         return self.model(x_t, t, obs_features)

@@ -121,6 +121,12 @@ class DDPMSchedule(nn.Module):
         clip_sample. x_t, eps: [B, ...]; t as in add_noise -> x0_hat: [B, ...]."""
         return self._x0(x_t, eps, self._abar(t, x_t, "t"))
 
+    def epsilon_from_x0(self, x_t: Tensor, x0: Tensor, t: int | Tensor) -> Tensor:
+        """The epsilon that a clean-sample prediction implies: (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)
+        (inverse of ``predict_x0`` without clipping). x_t, x0: [B, ...]; t as in add_noise -> eps: [B, ...]."""
+        abar = self._abar(t, x_t, "t")
+        return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+
     def _ddim_update(
         self,
         x_t: Tensor,

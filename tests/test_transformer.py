@@ -96,6 +96,7 @@ def test_diffusion_step_token_matters() -> None:
         ({"p_drop_emb": -0.1}, r"p_drop_emb must be in \[0, 1\), got -0.1"),
         ({"sampler": "euler"}, "sampler must be one of"),
         ({"num_inference_steps": 101}, r"num_inference_steps must be in \[1, num_train_timesteps=100\], got 101"),
+        ({"prediction_type": "v"}, r"prediction_type must be one of \('epsilon', 'sample'\), got 'v'"),
     ],
 )
 def test_bad_config_values_name_the_field(kwargs: dict, message: str) -> None:
@@ -126,3 +127,34 @@ def test_tiny_policy_overfits_a_fixed_batch() -> None:
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+def test_prediction_type_sets_the_regression_target_and_denoise_returns_epsilon(prediction_type: str) -> None:
+    """The loss regresses the network output onto epsilon or onto the clean normalized chunk; ``denoise``
+    returns epsilon either way (a clean-sample output x0 as (x_t - sqrt(abar) x0) / sqrt(1 - abar))."""
+    config = DiffusionTransformerConfig(
+        n_layer=1, n_head=2, n_emb=16, horizon=8, n_action_steps=4, prediction_type=prediction_type
+    )
+    policy = make_policy(config, shape_meta("state"))
+    g = torch.Generator().manual_seed(1)
+    batch = {"obs": {"state": torch.rand(4, 2, 20, generator=g)}, "action": torch.rand(4, 8, 2, generator=g) * 100}
+    policy.fit_normalizer({"state": batch["obs"]["state"].flatten(0, 1), "action": batch["action"].flatten(0, 1)})
+    clean = policy.normalizer.normalize("action", batch["action"])
+    torch.manual_seed(3)
+    noise = torch.randn_like(clean)
+    policy.network = lambda x_t, t, cond: torch.zeros_like(x_t)  # type: ignore[method-assign]
+    torch.manual_seed(3)  # compute_loss draws the same noise first
+    loss, _ = policy.compute_loss(batch)
+    target = noise if prediction_type == "epsilon" else clean
+    assert loss.item() == pytest.approx(target.pow(2).mean().item(), rel=1e-6)
+
+    x0 = torch.randn(4, 8, 2, generator=g)
+    x_t, t = torch.randn(4, 8, 2, generator=g), torch.tensor([0, 10, 50, 99])
+    policy.network = lambda x_t, t, cond: x0  # type: ignore[method-assign]
+    eps = policy.denoise(x_t, t, None)
+    if prediction_type == "epsilon":
+        assert torch.equal(eps, x0)
+    else:  # the epsilon that maps back to the predicted clean chunk
+        policy.schedule.clip_sample = False
+        torch.testing.assert_close(policy.schedule.predict_x0(x_t, eps, t), x0, atol=1e-4, rtol=1e-4)
