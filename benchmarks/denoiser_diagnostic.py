@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,14 +65,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     windows = None
+    val_sets: dict[tuple[int, int, int], Any] = {}  # one validation split per window shape, loaded once
     for path in args.checkpoints:
         policy = load_policy(path).eval()
         if not isinstance(policy, DDPMPolicy):
             raise SystemExit(f"{path} is a {type(policy).__name__}; expected diffusion_unet or diffusion_transformer")
         c = policy.config
-        _, val = make_pusht_datasets(
-            None, "state", horizon=c.horizon, n_obs_steps=c.n_obs_steps, n_action_steps=c.n_action_steps
-        )
+        shape = (c.horizon, c.n_obs_steps, c.n_action_steps)
+        if shape not in val_sets:
+            val_sets[shape] = make_pusht_datasets(
+                None, "state", horizon=c.horizon, n_obs_steps=c.n_obs_steps, n_action_steps=c.n_action_steps
+            )[1]
+        val = val_sets[shape]
         if windows is None:
             n = min(args.windows, len(val))
             windows = torch.randperm(len(val), generator=torch.Generator().manual_seed(args.seed))[:n]
