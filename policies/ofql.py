@@ -45,9 +45,12 @@ class OFQLConfig(MeanFlowConfig):
     needs_transitions: ClassVar[bool] = True
     discount: float = 0.99  # per environment step; a chunk of Ta executed steps bootstraps with discount ** Ta
     tau: float = 0.005  # Polyak rate of the target critics (TD3 / DQL)
-    # Weight of the Q term relative to the flow (behaviour-cloning) loss, after dividing Q by E|Q|. Not tuned on
-    # Push-T; small so that imitation dominates (DQL uses 1.0 on D4RL locomotion, less on harder tasks).
-    eta: float = 0.1
+    # Weight of the Q term relative to the flow (behaviour-cloning) loss, after dividing Q by E|Q| (DQL uses 1.0 on
+    # D4RL locomotion, less on harder tasks). On Push-T's human demonstrations every larger weight lowered the
+    # one-step score (10 minutes: eta 0.1 / 0.01 / 0.001 / 0 -> 0.13 / 0.16 / 0.55 / 0.66; 30 minutes: 0.1 -> 0.10,
+    # 0.001 -> 0.95), and picking chunks by the trained critic lowered it too, so the default keeps the Q term a
+    # small correction; raise it for data whose rewards the critic can rank (BENCHMARKS.md, OFQL).
+    eta: float = 0.001
     critic_hidden_dims: list[int] = dataclasses.field(default_factory=lambda: [256, 256, 256])
     # LayerNorm after every hidden linear map of the critics (RLPD, Ball et al. 2023: keeps offline critics from
     # diverging on out-of-distribution actions). Off by default: DQL's critic has none.
