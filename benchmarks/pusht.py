@@ -8,6 +8,7 @@ cores slows each of them several times). `benchmarks/policy_table.py` runs it fo
     python benchmarks/pusht.py --budget-min 30 --out bench_results/pusht_206.json
     python benchmarks/pusht.py --budget-min 30 --max-train-episodes 90 --out bench_results/pusht_90.json
     python benchmarks/pusht.py --policy streaming --budget-min 6 --out bench_results/table/streaming.json
+    python benchmarks/pusht.py --inference-of <checkpoint> --set num_inference_steps=9   # no training: latency, passes
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from timing import latency_ms
 
 from cli.main import cmd_train, compose
@@ -40,9 +42,11 @@ def _obs(policy, batch: int = 1) -> dict[str, torch.Tensor]:
     return {k: torch.rand(batch, c.n_obs_steps, *shape) * 100 for k, shape in policy.shape_meta["obs"].items()}
 
 
-def inference_figures(checkpoint: Path) -> dict:
-    """Batch-1 latency of one chunk query and denoiser passes per executed action over a 300-step episode."""
-    policy = load_policy(checkpoint)
+def inference_figures(checkpoint: Path, overrides: dict | None = None) -> dict:
+    """Batch-1 latency of one chunk query and denoiser passes per executed action over a 300-step episode;
+    ``overrides`` replace policy config fields at load (e.g. num_inference_steps)."""
+    overrides = overrides or {}
+    policy = load_policy(checkpoint, **overrides)
     obs = _obs(policy)
     figures: dict = {"chunk_latency_batch1": latency_ms(lambda: policy.predict_action_chunk(obs))}
     stream = getattr(policy, "stream", None)
@@ -52,7 +56,7 @@ def inference_figures(checkpoint: Path) -> dict:
     # Denoiser passes = calls of the policy's network (`policy.model`; critics and image encoders are not counted).
     # MoDE's expert cache runs fused layers outside `forward`; the number of passes is the same without it.
     if "expert_cache" in {f.name for f in dataclasses.fields(policy.config)}:
-        policy = load_policy(checkpoint, expert_cache=False)
+        policy = load_policy(checkpoint, **{**overrides, "expert_cache": False})
     passes = 0
 
     def count(*_) -> None:
@@ -93,7 +97,19 @@ def main() -> None:
     parser.add_argument("--run-dir", default=None)
     parser.add_argument("--out", default="bench_results/pusht.json")
     parser.add_argument("--extra", nargs="*", default=[], help="more robodiff train overrides")
+    parser.add_argument("--inference-of", default=None, help="a checkpoint: print its inference figures, no training")
+    parser.add_argument("--set", nargs="*", default=[], help="with --inference-of: policy fields, key=value (YAML)")
     args = parser.parse_args()
+    if args.inference_of:
+        torch.set_num_threads(available_cores())
+        fields = {}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise SystemExit(f"--set takes key=value, got {item!r}")
+            fields[key] = yaml.safe_load(value)
+        print(json.dumps(inference_figures(Path(args.inference_of), fields), indent=2))
+        return
 
     budget_s = args.budget_min * 60
     torch.set_num_threads(available_cores())
