@@ -105,6 +105,7 @@ class ControlLoop:
         action_dt = 0.0
         last_command: np.ndarray | None = None
         last_command_at = 0.0
+        held = False  # a HOLD came after the last command sent
         last_policy_tick = -1
         ended_by = "duration"
         t0 = time.monotonic()
@@ -166,22 +167,23 @@ class ControlLoop:
                 elif state == HOLD:
                     if previous_state != HOLD:
                         self.robot.stop()
+                    held = True
                 else:
-                    if previous_state == HOLD:
-                        # The robot stood still during HOLD: measure the velocity bound of the first command after
-                        # it over one period, not over the whole hold (which would allow a jump).
-                        last_command_at = now - dt
                     t_exec = now + cfg.execution_latency_s
                     target = queue.sample(t_exec, cfg.interpolation)
                     if target is not None:
                         command = target
                         # Elapsed since the previous command as measured now, not the nominal tick (see the notes).
+                        # The robot stood still during HOLD: the first command sent after it is bounded over exactly
+                        # one period, not over the whole hold (a jump), nor over a preemption of this tick (a test saw
+                        # 74 ms between the tick's wake-up and the send under load).
                         sent_at = time.monotonic()
+                        elapsed = dt if held else sent_at - last_command_at
                         if cfg.limits is not None:
-                            command, event = cfg.limits.apply(target, last_command, sent_at - last_command_at)
+                            command, event = cfg.limits.apply(target, last_command, elapsed)
                         if command is not None:
                             self.robot.command(command, t_exec)
-                            last_command, last_command_at = command, sent_at
+                            last_command, last_command_at, held = command, sent_at, False
                 metrics.record_tick(TickRecord(deadline, lateness, skipped, now - obs.stamp, state, event))
                 if state == ESTOP:
                     break

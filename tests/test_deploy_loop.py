@@ -26,12 +26,25 @@ def far_corner(agent: np.ndarray) -> np.ndarray:
 class LineProvider:
     """A ChunkProvider computing, after ``latency_s``, actions that walk the agent from its observed position to
     ``goal`` at ``speed`` px/s: sync -> one action per request, async -> ``horizon`` actions at ``t_obs + i * dt``.
-    ``stall`` = (start, end) seconds after the first request during which finished results are withheld."""
+    ``stall`` = (start, end) seconds after the first request during which finished results are withheld;
+    ``release_delay_s``: the poll that hands over the first result after the stall sleeps that long first (the control
+    tick is preempted between its wake-up and its command)."""
 
-    def __init__(self, mode, goal, dt=0.1, horizon=8, latency_s=0.03, speed=200.0, stall=None, slow_poll_at=None):
+    def __init__(
+        self,
+        mode,
+        goal,
+        dt=0.1,
+        horizon=8,
+        latency_s=0.03,
+        speed=200.0,
+        stall=None,
+        slow_poll_at=None,
+        release_delay_s=None,
+    ):
         self.goal = np.asarray(goal, dtype=np.float64)
         self.mode, self.dt, self.horizon, self.latency_s, self.speed = mode, dt, horizon, latency_s, speed
-        self.stall, self.slow_poll_at = stall, slow_poll_at
+        self.stall, self.slow_poll_at, self.release_delay_s = stall, slow_poll_at, release_delay_s
         self.pending: tuple[Observation, float] | None = None
         self.t_first: float | None = None
         self.requests = 0
@@ -60,6 +73,9 @@ class LineProvider:
             return None
         if self.stall is not None and self.stall[0] <= now - self.t_first < self.stall[1]:
             return None
+        if self.release_delay_s is not None and self.stall is not None and now - self.t_first >= self.stall[1]:
+            time.sleep(self.release_delay_s)
+            self.release_delay_s = None
         obs, _ = self.pending
         self.pending = None
         n = 1 if self.mode == "sync" else self.horizon
@@ -167,6 +183,21 @@ def test_inference_stall_holds_then_recovers_or_estops(sim, stall_end, estop):
     else:
         assert summary["ended_by"] == "duration" and summary["final_state"] == "RUN"
     # Also across the hold (no command for >= 0.1 s): the first command after it moves as after one period.
+    step = np.abs(np.diff(np.stack([c for _, c in robot.commands]), axis=0)).max(axis=1)
+    assert step.max() <= 150.0 * 0.05, step.max()
+
+
+def test_first_command_after_hold_is_bounded_over_one_period_when_the_tick_is_preempted(sim):
+    # The tick that ends the hold is delayed 80 ms between its wake-up and its command: the first command after the
+    # hold must still move as after one 20 ms period (150 px/s * 0.02 s = 3 px), not as after 100 ms (15 px).
+    robot = RecordingRobot(sim)
+    provider = LineProvider(
+        "sync", far_corner(sim.read().data["state"][-2:]), speed=600.0, stall=(0.2, 0.55), release_delay_s=0.08
+    )
+    config = LoopConfig(mode="sync", chunk_timeout_s=0.1, estop_after_s=0.4, limits=Limits(max_velocity=150.0))
+    summary = ControlLoop(robot, provider, config).run(max_duration_s=1.0)
+    assert summary["watchdog_ticks"]["HOLD"] >= 5 and summary["final_state"] == "RUN"
+    assert provider.release_delay_s is None  # the delayed release happened
     step = np.abs(np.diff(np.stack([c for _, c in robot.commands]), axis=0)).max(axis=1)
     assert step.max() <= 150.0 * 0.05, step.max()
 
