@@ -24,7 +24,8 @@ from policies.ofql import OFQLPolicy
 
 
 class QSelected(torch.nn.Module):
-    """The chunk-policy contract (``predict_action_chunk``) over an OFQL policy with critic selection among K."""
+    """The chunk-policy contract (``predict_action_chunk``) over an OFQL policy with critic selection among K.
+    An injected ``noise`` is not used: the K candidates draw their own (a diagnostic, not a deployable source)."""
 
     def __init__(self, policy: OFQLPolicy, candidates: int, mode: str) -> None:
         super().__init__()
