@@ -14,6 +14,14 @@ policy's own run measured it (those per-run figures stay in each policy's JSON).
 them in another setting, written to ``table_<backend>_<threads>t.{md,json}``:
 
     python benchmarks/policy_table.py --out-dir bench_results/table --backend onnx --latency-threads 1
+
+``--latency-of NAME=CHECKPOINT ...`` only times the given checkpoints in the same interleaved way (the first is the
+reference of the speed-up column) and writes ``<out-dir>/latency.json``, e.g. several training runs of one policy
+against DP-UNet:
+
+    python benchmarks/policy_table.py --out-dir bench_results/latency_onestep \
+        --latency-of dp=runs/bench/table30/diffusion_unet/checkpoints/latest \
+        mf=runs/bench/table30/meanflow/checkpoints/latest
 """
 
 from __future__ import annotations
@@ -129,6 +137,29 @@ def table(results: dict[str, dict], latency: dict[str, float] | None = None) -> 
     return "\n".join(rows), summary
 
 
+def latency_only(args: argparse.Namespace) -> None:
+    checkpoints = {}
+    for item in args.latency_of:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--latency-of expects NAME=CHECKPOINT, got {item!r}")
+        if not Path(path).exists():
+            raise SystemExit(f"--latency-of {name}: no checkpoint at {path}")
+        checkpoints[name] = Path(path)
+    latency = interleaved_latency(checkpoints, threads=args.latency_threads, backend=args.backend)
+    ref = next(iter(latency.values()))
+    rows = {
+        name: {"latency_ms": ms, "speed_up": ref / ms, "checkpoint": str(checkpoints[name])}
+        for name, ms in latency.items()
+    }
+    for name, row in rows.items():
+        print(f"{name}: {row['latency_ms']:.2f} ms, {row['speed_up']:.2f}x")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"latency": "interleaved, one process", "latency_threads": args.latency_threads, "backend": args.backend}
+    (out_dir / "latency.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-min", type=float, default=6.0)
@@ -140,7 +171,16 @@ def main() -> None:
     parser.add_argument("--no-latency", action="store_true", help="use each run's own latency figures")
     parser.add_argument("--latency-threads", type=int, default=2, help="torch / ONNX Runtime threads for latency")
     parser.add_argument("--backend", choices=BACKENDS, default="torch", help="onnx: the UNet policies through ORT")
+    parser.add_argument(
+        "--latency-of",
+        nargs="+",
+        metavar="NAME=CHECKPOINT",
+        help="only time these checkpoints, interleaved; the first is the speed-up reference",
+    )
     args = parser.parse_args()
+    if args.latency_of:
+        latency_only(args)
+        return
     names = args.policies or [REFERENCE] + [n for n in policy_names() if n != REFERENCE]
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
